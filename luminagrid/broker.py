@@ -1,0 +1,45 @@
+"""Talking to Redis directly (redis-py): reachability checks and URL handling."""
+
+from __future__ import annotations
+
+import re
+
+import redis
+
+from luminagrid.errors import BrokerUnreachable
+
+_SOCKET_SCHEMES = ("redis+socket://", "socket://")
+
+
+def redacted(url: str) -> str:
+    """The URL with any password replaced by `***`, safe to print."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def client(url: str, timeout_s: float = 2.0) -> redis.Redis:
+    """A redis-py client for a Celery-style URL (`redis://`, `rediss://`, `redis+socket://`)."""
+    for scheme in _SOCKET_SCHEMES:
+        if url.startswith(scheme):
+            url = "unix://" + url[len(scheme):]
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+
+
+def answers(url: str, timeout_s: float = 0.5) -> bool:
+    """True if a Redis server answers PING at `url` within about `timeout_s`."""
+    try:
+        with client(url, timeout_s) as r:
+            return bool(r.ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def require(url: str, timeout_s: float = 3.0) -> None:
+    """Raise `BrokerUnreachable` naming `url` unless Redis answers there."""
+    try:
+        with client(url, timeout_s) as r:
+            r.ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        raise BrokerUnreachable(
+            f"no Redis answers at {redacted(url)} ({exc}); start Redis there, fix "
+            "LUMINAGRID_BROKER_URL, or unset it to run embedded."
+        ) from None

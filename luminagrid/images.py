@@ -1,0 +1,115 @@
+"""Reading input images, converting them to 8-bit gray, and writing outputs atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from luminagrid.errors import InputError, OutputError
+
+#: Output formats that keep an edge map exact (JPEG would smear it).
+LOSSLESS_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".pgm", ".pbm", ".webp")
+
+
+def read_image(path: Path, max_pixels: int) -> np.ndarray:
+    """Decode an image file as OpenCV does: (H, W) or (H, W, 3), uint8 or uint16.
+
+    EXIF orientation is applied; alpha is dropped (it does not enter the gray conversion).
+    """
+    if not path.exists():
+        raise InputError(f"{path}: no such file; check the path.")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give an image file.")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is empty (0 bytes); give an image file.")
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    except cv2.error as exc:
+        raise InputError(f"{path}: OpenCV refused to decode it ({_first_line(exc)}).") from None
+    if image is None:
+        raise InputError(
+            f"{path}: not a readable image; use PNG, JPEG, TIFF, BMP or WebP."
+        )
+    check_pixels(image, max_pixels, str(path))
+    return image
+
+
+def check_pixels(image: np.ndarray, max_pixels: int, name: str) -> None:
+    height, width = image.shape[:2]
+    if height * width > max_pixels:
+        raise InputError(
+            f"{name} has {width}x{height} = {height * width} pixels, over the limit of {max_pixels}; "
+            "raise LUMINAGRID_MAX_PIXELS if this is intended."
+        )
+
+
+def to_gray8(image: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 gray of an image array.
+
+    16-bit samples keep their high byte (`value >> 8`), then colour becomes gray with
+    `cv2.COLOR_BGR2GRAY` (BGRA: `COLOR_BGRA2GRAY`, which ignores alpha).
+    """
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise InputError(f"images of type {image.dtype} are not supported; use 8- or 16-bit images.")
+    if image.ndim == 2:
+        return image
+    if image.ndim == 3 and image.shape[2] == 1:
+        return image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
+    raise InputError(f"an image of shape {image.shape} is not gray, BGR or BGRA.")
+
+
+def default_output(input_path: Path) -> Path:
+    """`photo.jpg` -> `photo.edges.png`, beside the input."""
+    return input_path.with_name(f"{input_path.stem}.edges.png")
+
+
+def check_output(out: Path, input_path: Path | None = None) -> None:
+    """Fail before any work is done if `out` cannot be written."""
+    if out.suffix.lower() not in LOSSLESS_SUFFIXES:
+        raise OutputError(
+            f"{out}: output format {out.suffix or '(none)'!r} is not lossless; "
+            f"use one of {', '.join(LOSSLESS_SUFFIXES)}."
+        )
+    if input_path is not None and out.resolve() == input_path.resolve():
+        raise OutputError(f"{out} is the input file; choose another output path with -o.")
+    if out.is_dir():
+        raise OutputError(f"{out} is a directory; give a file name with -o.")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: output folder does not exist; create it or choose another -o.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent}: output folder is not writable; choose another -o.")
+
+
+def write_image_atomic(out: Path, image: np.ndarray) -> None:
+    """Encode by `out`'s suffix and write via a temp file + rename: never a partial file."""
+    ok, buf = cv2.imencode(out.suffix.lower(), image)
+    if not ok:
+        raise OutputError(f"{out}: OpenCV could not encode the result as {out.suffix}.")
+    parent = out.parent if str(out.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.data)
+        os.replace(tmp, out)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{out}: could not write ({exc.strerror}); choose another -o.") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1].strip() if text else type(exc).__name__

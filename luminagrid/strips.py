@@ -1,0 +1,91 @@
+"""Cutting an image into horizontal strips with halos, and putting them back.
+
+Every strip boundary and every halo edge lies on a multiple of `ALIGN_ROWS` (8) rows, or on the
+image's own top or bottom. That alignment is what makes JPEG transport exact: a grayscale JPEG
+decodes block by block (8x8), so a strip's JPEG decodes to exactly the rows a whole-image JPEG
+would (FIELD-NOTES section 3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: JPEG's block height: strip boundaries and halos are multiples of it.
+ALIGN_ROWS = 8
+#: Upper bound on strips per job (keeps chord bookkeeping and message counts small).
+MAX_STRIPS = 256
+#: Target pixels per strip when the caller does not choose a count.
+TARGET_STRIP_PIXELS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Strip:
+    """One band of rows. Rows are half-open ranges of the whole image.
+
+    `row0:row1` are the rows this strip is responsible for; `top:bottom` are the rows sent to the
+    worker (the strip plus up to `halo_rows` on each side, clipped at the image edges).
+    """
+
+    index: int
+    row0: int
+    row1: int
+    top: int
+    bottom: int
+
+    @property
+    def halo_top(self) -> int:
+        return self.row0 - self.top
+
+    @property
+    def halo_bottom(self) -> int:
+        return self.bottom - self.row1
+
+
+def halo_for(needed_rows: int) -> int:
+    """The smallest aligned halo (rows) that covers an operation's need of `needed_rows`."""
+    return ALIGN_ROWS * math.ceil(needed_rows / ALIGN_ROWS)
+
+
+def default_strip_count(height: int, width: int) -> int:
+    """About one megapixel per strip, at least two where the height allows."""
+    wanted = max(2, math.ceil(height * width / TARGET_STRIP_PIXELS))
+    return min(wanted, MAX_STRIPS, max_strips_for(height))
+
+
+def max_strips_for(height: int) -> int:
+    """How many aligned strips an image of `height` rows can be cut into (at least 1)."""
+    return max(1, math.ceil(height / ALIGN_ROWS))
+
+
+def plan_strips(height: int, count: int, halo_rows: int) -> list[Strip]:
+    """Cut `height` rows into at most `count` aligned strips of near-equal height.
+
+    When the image has fewer 8-row blocks than `count` (e.g. a 1-row image), fewer strips are made:
+    a strip never has zero rows. `halo_rows` must be a multiple of `ALIGN_ROWS`.
+    """
+    if height < 1:
+        raise ValueError(f"height must be >= 1, got {height}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if halo_rows < 0 or halo_rows % ALIGN_ROWS:
+        raise ValueError(f"halo_rows must be a non-negative multiple of {ALIGN_ROWS}, got {halo_rows}")
+    blocks = max_strips_for(height)
+    n = min(count, blocks)
+    # Block boundaries spread as evenly as integers allow; every strip gets >= 1 block.
+    edges = [min(height, ALIGN_ROWS * (i * blocks // n)) for i in range(n + 1)]
+    return [
+        Strip(
+            index=i,
+            row0=r0,
+            row1=r1,
+            top=max(0, r0 - halo_rows),
+            bottom=min(height, r1 + halo_rows),
+        )
+        for i, (r0, r1) in enumerate(zip(edges, edges[1:]))
+    ]
+
+
+def seam_rows(strips: list[Strip]) -> list[int]:
+    """The first row of every strip but the first: where two strips meet."""
+    return [s.row0 for s in strips[1:]]
