@@ -101,6 +101,7 @@ def write_image_atomic(out: Path, image: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(buf.data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, out)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -108,6 +109,12 @@ def write_image_atomic(out: Path, image: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,154 @@
+"""`python cli.py submit` as a user runs it: real subprocesses, exit codes and messages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import CLI, synthetic
+
+from luminagrid import broker
+from luminagrid.local import free_port
+
+RUN_TIMEOUT_S = 120
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.png"
+    cv2.imwrite(str(path), synthetic(21, 301, 257, channels=3))
+    return path
+
+
+def gray_of(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2GRAY)
+
+
+def test_submit_writes_the_exact_edge_map_beside_the_input(cluster_env: dict[str, str], photo: Path) -> None:
+    proc = run(["submit", str(photo), "--codec", "lossless", "--strips", "3", "--low", "50", "--high", "150"], cluster_env)
+    assert proc.returncode == 0, proc.stderr
+    out = photo.with_name("photo.edges.png")
+    assert np.array_equal(cv2.imread(str(out), cv2.IMREAD_UNCHANGED), cv2.Canny(gray_of(photo), 50, 150))
+    assert "257x301" in proc.stdout and "3 strips (lossless)" in proc.stdout and "served by local" in proc.stdout
+    assert "embedded" not in proc.stdout
+    assert sorted(p.name for p in photo.parent.iterdir()) == ["photo.edges.png", "photo.png"]  # no temp files
+
+
+def test_submit_honours_out_and_jpeg_quality(cluster_env: dict[str, str], photo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "result.tif"
+    proc = run(["submit", str(photo), "-o", str(out), "--quality", "80"], cluster_env)
+    assert proc.returncode == 0, proc.stderr
+    ok, buf = cv2.imencode(".jpg", gray_of(photo), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    expected = cv2.Canny(cv2.imdecode(buf, cv2.IMREAD_UNCHANGED), 100, 200)
+    assert np.array_equal(cv2.imread(str(out), cv2.IMREAD_UNCHANGED), expected)
+    assert "(jpeg q80)" in proc.stdout
+
+
+def test_an_explicit_url_with_no_redis_is_an_error_naming_it(photo: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**os.environ, "LUMINAGRID_BROKER_URL": url}
+    proc = run(["submit", str(photo)], env)
+    assert proc.returncode == 1
+    assert f"no Redis answers at {url}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not photo.with_name("photo.edges.png").exists()
+
+
+def test_passwords_in_urls_are_not_printed(photo: Path) -> None:
+    env = {**os.environ, "LUMINAGRID_BROKER_URL": f"redis://:s3cret@127.0.0.1:{free_port()}/0"}
+    proc = run(["submit", str(photo)], env)
+    assert proc.returncode == 1 and "s3cret" not in proc.stderr and ":***@" in proc.stderr
+
+
+def processes_with(marker: str) -> list[int]:
+    """PIDs of live processes whose environment holds `marker` (children inherit it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def embedded_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUMINAGRID_")}
+    env["LUMINAGRID_TEST_MARKER"] = f"marker-{uuid.uuid4()}"
+    return env
+
+
+def test_with_no_redis_configured_submit_runs_embedded_and_stops_everything(photo: Path) -> None:
+    if broker.answers(broker.DEFAULT_URL):
+        pytest.skip("a Redis answers at the default URL, so embedded mode would not be chosen")
+    env = embedded_env()
+    proc = run(["submit", str(photo), "--codec", "lossless", "--workers", "2"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "ran embedded" in proc.stdout and "LUMINAGRID_BROKER_URL" in proc.stdout
+    out = photo.with_name("photo.edges.png")
+    assert np.array_equal(cv2.imread(str(out), cv2.IMREAD_UNCHANGED), cv2.Canny(gray_of(photo), 100, 200))
+    assert processes_with(env["LUMINAGRID_TEST_MARKER"]) == []
+
+
+def test_embedded_flag_forces_a_private_cluster(cluster_env: dict[str, str], photo: Path) -> None:
+    env = {**cluster_env, "LUMINAGRID_TEST_MARKER": f"marker-{uuid.uuid4()}"}
+    proc = run(["submit", str(photo), "--embedded", "--workers", "1"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "ran embedded" in proc.stdout and "served by local1@" in proc.stdout
+    assert processes_with(env["LUMINAGRID_TEST_MARKER"]) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--low", "300", "--high", "200"], "--low 300 is above --high 200"),
+        (["--high", "5000"], "--high 5000 is out of range"),
+        (["--low", "-1"], "--low -1 is out of range"),
+        (["--quality", "0"], "--quality 0 is out of range"),
+        (["--quality", "101"], "--quality 101 is out of range"),
+        (["--strips", "0"], "--strips 0 is out of range"),
+        (["-o", "edges.jpg"], "is not lossless"),
+    ],
+)
+def test_bad_parameters_fail_before_any_work_with_a_clear_message(
+    photo: Path, args: list[str], message: str,
+) -> None:
+    env = {**os.environ, "LUMINAGRID_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    proc = run(["submit", str(photo), *args], env, cwd=photo.parent)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in photo.parent.iterdir()) == ["photo.png"]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.png", "no such file"),
+        (lambda d: d, "is a directory"),
+        (lambda d: (d / "empty.png", (d / "empty.png").write_bytes(b""))[0], "is empty"),
+        (lambda d: (d / "text.png", (d / "text.png").write_text("hello"))[0], "not a readable image"),
+    ],
+)
+def test_bad_inputs_fail_with_a_clear_message(tmp_path: Path, make, message: str) -> None:  # noqa: ANN001
+    env = {**os.environ, "LUMINAGRID_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    proc = run(["submit", str(make(tmp_path))], env)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_codec_is_a_usage_error(photo: Path) -> None:
+    proc = run(["submit", str(photo), "--codec", "png"], dict(os.environ))
+    assert proc.returncode == 2
+    assert "png" in proc.stderr

@@ -1,0 +1,93 @@
+"""The pure core, in process: strip-parallel Canny equals whole-image Canny; codecs round-trip."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from conftest import synthetic
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from luminagrid import codec
+from luminagrid.canny import canny_reference, canny_strip, finish_seams
+from luminagrid.codec import Codec, CodecError
+from luminagrid.strips import plan_strips, seam_rows
+
+
+def strip_parallel(gray: np.ndarray, count: int, low: float, high: float, seams: bool = True) -> np.ndarray:
+    height, width = gray.shape
+    plan = plan_strips(height, count, 8)
+    edges = np.zeros((height, width), bool)
+    pending = np.zeros((height, width), bool)
+    for s in plan:
+        part = canny_strip(gray[s.top:s.bottom], s.halo_top, s.halo_bottom, low, high,
+                           s.index > 0, s.index < len(plan) - 1)
+        edges[s.row0:s.row1], pending[s.row0:s.row1] = part
+    return finish_seams(edges, pending, seam_rows(plan)) if seams else edges
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1), height=st.integers(1, 300), width=st.integers(1, 300),
+    count=st.integers(1, 50), low=st.floats(0, 300), span=st.floats(0, 300),
+)
+def test_strip_parallel_canny_equals_whole_image_canny(
+    seed: int, height: int, width: int, count: int, low: float, span: float,
+) -> None:
+    gray = synthetic(seed, height, width)
+    assert np.array_equal(strip_parallel(gray, count, low, low + span), canny_reference(gray, low, low + span))
+
+
+def test_without_the_seam_pass_strips_would_miss_edges() -> None:
+    # Guards the test above: hysteresis really does cross seams on this image.
+    gray = synthetic(7, 600, 400)
+    reference = canny_reference(gray, 20, 120)
+    assert np.array_equal(strip_parallel(gray, 12, 20, 120), reference)
+    assert not np.array_equal(strip_parallel(gray, 12, 20, 120, seams=False), reference)
+
+
+@given(seed=st.integers(0, 1000), height=st.integers(1, 120), width=st.integers(1, 120),
+       quality=st.integers(1, 100), count=st.integers(1, 20))
+def test_jpeg_strips_decode_to_the_rows_of_a_whole_image_jpeg(
+    seed: int, height: int, width: int, quality: int, count: int,
+) -> None:
+    gray = synthetic(seed, height, width)
+    whole = codec.jpeg_roundtrip(gray, quality)
+    for s in plan_strips(height, count, 8):
+        data = codec.encode_strip(gray[s.top:s.bottom], Codec.jpeg, quality)
+        assert np.array_equal(codec.decode_strip(data, Codec.jpeg, s.bottom - s.top, width), whole[s.top:s.bottom])
+
+
+def test_jpeg_strips_off_the_8_row_grid_would_not_be_exact() -> None:
+    gray = synthetic(3, 64, 64)
+    whole = codec.jpeg_roundtrip(gray, 90)
+    assert not np.array_equal(codec.jpeg_roundtrip(gray[4:36], 90), whole[4:36])
+
+
+@given(height=st.integers(1, 40), width=st.integers(1, 70), seed=st.integers(0, 100))
+def test_lossless_strips_and_bit_maps_round_trip(height: int, width: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    gray = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    assert np.array_equal(codec.decode_strip(codec.encode_strip(gray, Codec.lossless, 0), Codec.lossless, height, width), gray)
+    mask = rng.random((height, width)) < 0.3
+    assert np.array_equal(codec.unpack_bits(codec.pack_bits(mask), height, width), mask)
+
+
+@pytest.mark.parametrize("kind", list(Codec))
+def test_bytes_that_do_not_match_their_declared_shape_are_refused(kind: Codec) -> None:
+    data = codec.encode_strip(np.zeros((16, 16), np.uint8), kind, 90)
+    with pytest.raises(CodecError, match="expected"):
+        codec.decode_strip(data, kind, 16, 17)
+    with pytest.raises(CodecError):
+        codec.decode_strip(b"\x00garbage", kind, 16, 16)
+
+
+def test_16_bit_and_colour_images_become_8_bit_gray_as_documented() -> None:
+    from luminagrid.images import to_gray8
+
+    bgr16 = synthetic(1, 20, 30, channels=3, depth=np.uint16)
+    expected = cv2.cvtColor((bgr16 >> 8).astype(np.uint8), cv2.COLOR_BGR2GRAY)
+    assert np.array_equal(to_gray8(bgr16), expected)
+    bgra = synthetic(2, 20, 30, channels=4)
+    assert np.array_equal(to_gray8(bgra), cv2.cvtColor(bgra[:, :, :3], cv2.COLOR_BGR2GRAY))
