@@ -49,22 +49,22 @@ def main(debug: Annotated[bool, typer.Option(help="Show tracebacks of errors.")]
 
 @contextlib.contextmanager
 def _broker(settings: Settings, force_embedded: bool, workers: int) -> Iterator[str | None]:
-    """Yield the broker URL to use; None-free: embedded mode yields a one-line note instead."""
-    if not force_embedded:
-        if settings.broker_url_explicit:
-            broker.require(settings.broker_url)
-            yield None
-            return
-        if broker.answers(settings.broker_url):
-            yield None
-            return
-    with local.embedded(workers=1, concurrency=workers) as cluster:
+    """Point the app at the Redis to use for the `with` block.
+
+    Yields None for a configured (or default, answering) Redis; in embedded mode, runs a private
+    Redis and local workers for the block and yields the note to print afterwards.
+    """
+    if not force_embedded and (settings.broker_url_explicit or broker.answers(settings.broker_url)):
+        broker.require(settings.broker_url)
+        use_broker(settings.broker_url, settings.result_backend)
+        yield None
+        return
+    with local.embedded(workers=1, concurrency=workers):
         yield (
             f"ran embedded: a private Redis and {workers} local worker process(es), now stopped. "
             "For a cluster: start Redis, run `celery -A luminagrid worker` on each node, "
             "and set LUMINAGRID_BROKER_URL=redis://HOST:6379/0 here."
         )
-        del cluster
 
 
 def _progress(total_hint: str) -> Progress:
@@ -115,8 +115,6 @@ def submit(
     settings = Settings.from_env()
     gray = jobs.load_gray(image, settings)
     with _broker(settings, embedded, max(1, workers)) as note:
-        if note is None:
-            use_broker(settings.broker_url, settings.result_backend)
         job = jobs.submit_gray(gray, params)
         with _progress(image.name) as bar:
             task = bar.add_task("strips", total=job.strip_count)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 import subprocess
 import uuid
 from pathlib import Path
@@ -152,3 +154,27 @@ def test_unknown_codec_is_a_usage_error(photo: Path) -> None:
     proc = run(["submit", str(photo), "--codec", "png"], dict(os.environ))
     assert proc.returncode == 2
     assert "png" in proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_an_embedded_run_stops_everything_it_started(tmp_path: Path, sig: signal.Signals) -> None:
+    big = tmp_path / "big.png"
+    cv2.imwrite(str(big), synthetic(22, 2160, 3840))
+    env = embedded_env()
+    marker = env["LUMINAGRID_TEST_MARKER"]
+    proc = subprocess.Popen([*CLI, "submit", str(big), "--embedded", "--workers", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Interrupt once it has started Redis and a worker (3+ processes carry the marker).
+        deadline = time.monotonic() + 60
+        while len(processes_with(marker)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert processes_with(marker) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.png"]
