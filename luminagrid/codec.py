@@ -45,13 +45,7 @@ def decode_strip(data: bytes, codec: Codec, rows: int, width: int) -> np.ndarray
             got = None if gray is None else (gray.shape, str(gray.dtype))
             raise CodecError(f"JPEG strip decoded to {got}, expected ({rows}, {width}) uint8")
         return gray
-    try:
-        raw = lz4.frame.decompress(data)
-    except RuntimeError as exc:
-        raise CodecError(f"lossless strip is not valid LZ4: {exc}") from None
-    if len(raw) != rows * width:
-        raise CodecError(f"lossless strip holds {len(raw)} bytes, expected {rows}x{width}")
-    return np.frombuffer(raw, np.uint8).reshape(rows, width)
+    return _lz4_rows(data, rows, width, "lossless strip")
 
 
 def jpeg_roundtrip(gray: np.ndarray, quality: int) -> np.ndarray:
@@ -66,12 +60,16 @@ def pack_bits(mask: np.ndarray) -> bytes:
 
 def unpack_bits(data: bytes, rows: int, width: int) -> np.ndarray:
     """Inverse of `pack_bits`: a (rows, width) bool array."""
-    row_bytes = (width + 7) // 8
+    packed = _lz4_rows(data, rows, (width + 7) // 8, "bit map")
+    return np.unpackbits(packed, axis=1, count=width).view(bool)
+
+
+def _lz4_rows(data: bytes, rows: int, row_bytes: int, what: str) -> np.ndarray:
+    """LZ4-decompress to a (rows, row_bytes) uint8 array, or raise `CodecError`."""
     try:
         raw = lz4.frame.decompress(data)
     except RuntimeError as exc:
-        raise CodecError(f"bit map is not valid LZ4: {exc}") from None
+        raise CodecError(f"{what} is not valid LZ4: {exc}") from None
     if len(raw) != rows * row_bytes:
-        raise CodecError(f"bit map holds {len(raw)} bytes, expected {rows}x{row_bytes}")
-    packed = np.frombuffer(raw, np.uint8).reshape(rows, row_bytes)
-    return np.unpackbits(packed, axis=1, count=width).view(bool)
+        raise CodecError(f"{what} holds {len(raw)} bytes, expected {rows}x{row_bytes}")
+    return np.frombuffer(raw, np.uint8).reshape(rows, row_bytes)
