@@ -1,6 +1,7 @@
 """Celery configuration, mapped from luminagrid's settings (LUMINAGRID_* environment variables).
 
-`celery -A luminagrid worker` loads this through `luminagrid.app`.
+`celery -A luminagrid worker` loads this through `luminagrid.app`. Every worker must run with the
+same LUMINAGRID_VISIBILITY_TIMEOUT_S.
 """
 
 from luminagrid.settings import QUEUE, Settings
@@ -19,7 +20,33 @@ result_accept_content = ["msgpack", "json"]
 
 task_default_queue = QUEUE
 result_expires = _settings.result_ttl_s
-# One message at a time per pool process: strips spread evenly and fewer are stranded on a crash.
+
+# At-least-once strips: a message is acknowledged only after its result is stored; a pool process
+# killed mid-strip puts its message back at once; a whole worker lost leaves it "unacked" until a
+# live worker's sweep (every second) finds it older than the visibility timeout.
+task_acks_late = True
+task_reject_on_worker_lost = True
+task_track_started = True
 worker_prefetch_multiplier = 1
+_transport = {
+    "visibility_timeout": _settings.visibility_timeout_s,
+    "unacked_restore_interval": 1,
+    "unacked_restore_throttle": 1,
+}
+broker_transport_options = _transport
+result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
+visibility_timeout = _settings.visibility_timeout_s
+task_soft_time_limit = _settings.soft_time_limit_s
+
+# Ride through a Redis restart: reconnect forever (workers), retry publishing and result writes.
 broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
 task_publish_retry = True
+task_publish_retry_policy = {"max_retries": 20, "interval_start": 0, "interval_step": 0.25, "interval_max": 1}
+result_backend_always_retry = True
+result_backend_max_retries = 60
+result_backend_base_sleep_between_retries_ms = 50
+result_backend_max_sleep_between_retries_ms = 1000
+redis_socket_timeout = 10
+redis_socket_connect_timeout = 5
+redis_retry_on_timeout = True

@@ -1,4 +1,4 @@
-"""luminagrid command line: `python cli.py submit IMAGE`.
+"""luminagrid command line: `python cli.py submit IMAGE`, `status JOB_ID`, `result JOB_ID`.
 
 The only place where exceptions become exit codes: 0 success, 1 a luminagrid error (one line on
 stderr), 2 a usage error (typer), 130 interrupted (Ctrl-C or SIGTERM).
@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from luminagrid import broker, images, jobs, local
 from luminagrid.app import use_broker
 from luminagrid.codec import Codec
-from luminagrid.errors import LuminagridError
+from luminagrid.errors import LuminagridError, OutputError
 from luminagrid.settings import Settings
 
 HELP = "Exact, distributed edge detection on Celery and Redis."
@@ -30,14 +30,17 @@ HELP_SUBMIT = (
     "Detect edges (Canny on the gray image) in IMAGE across the workers; write IMAGE-stem.edges.png. "
     "With LUMINAGRID_BROKER_URL unset and no Redis on localhost, runs embedded."
 )
+HELP_STATUS = "Show how far job JOB_ID has come."
+HELP_RESULT = "Wait for job JOB_ID (e.g. after submit timed out) and write its output."
 HELP_OUT = "Output file (lossless format: .png, .tif, .bmp, ...). Default: <stem>.edges.png beside IMAGE."
 HELP_STRIPS = "Number of horizontal strips. Default: about one per megapixel, at least 2."
 HELP_CODEC = "How strips travel: jpeg (smaller; exact w.r.t. the JPEG-decoded image) or lossless."
 HELP_EMBEDDED = "Run on a private Redis and local workers even if a Redis is configured."
 HELP_WORKERS = "Worker processes to start in embedded mode."
+HELP_TIMEOUT = "Seconds to wait for the result; the job keeps running after that."
 
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 state = {"debug": False}
 P = ParamSpec("P")
 
@@ -45,6 +48,25 @@ P = ParamSpec("P")
 @app.callback()
 def main(debug: Annotated[bool, typer.Option(help="Show tracebacks of errors.")] = False) -> None:
     state["debug"] = debug
+
+
+def exits(command: Callable[P, None]) -> Callable[P, None]:
+    """Map luminagrid's exceptions to exit codes: 1 with a one-line message, 130 on Ctrl-C."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except LuminagridError as exc:
+            if state["debug"]:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; everything started locally was stopped.", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -67,30 +89,42 @@ def _broker(settings: Settings, force_embedded: bool, workers: int) -> Iterator[
         )
 
 
-def _progress(total_hint: str) -> Progress:
-    return Progress(
-        TextColumn(total_hint), BarColumn(), MofNCompleteColumn(), TextColumn("strips"), TimeElapsedColumn(),
+def _connect() -> Settings:
+    """Use the configured Redis (no embedded fallback: a job id only means something there)."""
+    settings = Settings.from_env()
+    broker.require(settings.broker_url)
+    use_broker(settings.broker_url, settings.result_backend)
+    return settings
+
+
+def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str) -> jobs.JobResult:
+    """Wait with a progress bar (on a terminal), write `out` atomically, then drop the job's data."""
+    progress = Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("strips"), TimeElapsedColumn(),
         console=err, transient=True, disable=not err.is_terminal,
     )
+    with progress:
+        bar = progress.add_task("strips", total=job.strip_count)
+        result = job.wait(
+            timeout_s,
+            on_progress=lambda done, _total: progress.update(bar, completed=done),
+            on_notice=lambda text: err.print(f"note: {text}", markup=False),
+            forget=False,
+        )
+    images.write_image_atomic(out, result.edges)
+    job.forget()
+    return result
 
 
-def exits(command: Callable[P, None]) -> Callable[P, None]:
-    """Map luminagrid's exceptions to exit codes: 1 with a one-line message, 130 on Ctrl-C."""
-
-    @functools.wraps(command)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
-        try:
-            command(*args, **kwargs)
-        except LuminagridError as exc:
-            if state["debug"]:
-                raise
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted; everything started locally was stopped.", err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper
+def _summary(source: str, job: jobs.Job, out: Path, result: jobs.JobResult, wall_s: float) -> str:
+    served = ", ".join(f"{name} x{n}" for name, n in sorted(result.workers.items()))
+    spec = job.spec
+    codec_text = f"jpeg q{spec.quality}" if spec.codec is Codec.jpeg else "lossless"
+    again = f" | {result.republished} lost task(s) published again" if result.republished else ""
+    return (
+        f"{source} {job.width}x{job.height} -> {out} | {job.strip_count} strips ({codec_text}) | "
+        f"served by {served}{again} | {wall_s:.2f} s"
+    )
 
 
 @app.command(help=HELP_SUBMIT)
@@ -103,7 +137,7 @@ def submit(
     strips: Annotated[Optional[int], typer.Option(help=HELP_STRIPS)] = None,
     codec: Annotated[Codec, typer.Option(help=HELP_CODEC)] = Codec.jpeg,
     quality: Annotated[int, typer.Option(help="JPEG quality for --codec jpeg (1-100).")] = 95,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 600.0,
+    timeout: Annotated[float, typer.Option(help=HELP_TIMEOUT)] = 600.0,
     embedded: Annotated[bool, typer.Option("--embedded", help=HELP_EMBEDDED)] = False,
     workers: Annotated[int, typer.Option(help=HELP_WORKERS)] = os.cpu_count() or 1,
 ) -> None:
@@ -115,19 +149,45 @@ def submit(
     settings = Settings.from_env()
     gray = jobs.load_gray(image, settings)
     with _broker(settings, embedded, max(1, workers)) as note:
-        job = jobs.submit_gray(gray, params)
-        with _progress(image.name) as bar:
-            task = bar.add_task("strips", total=job.strip_count)
-            result = job.wait(timeout, on_progress=lambda done, _total: bar.update(task, completed=done))
-        images.write_image_atomic(out, result.edges)
-    served = ", ".join(f"{name} x{n}" for name, n in sorted(result.workers.items()))
-    codec_text = f"jpeg q{quality}" if codec is Codec.jpeg else "lossless"
-    typer.echo(
-        f"{image} {job.width}x{job.height} -> {out} | {job.strip_count} strips ({codec_text}) | "
-        f"served by {served} | {time.perf_counter() - started:.2f} s"
-    )
+        job = jobs.submit_gray(gray, params, output=str(out.resolve()), settings=settings)
+        del gray  # the strips are encoded; do not hold the full image while waiting
+        result = _wait_and_write(job, out, timeout, image.name)
+    typer.echo(_summary(str(image), job, out, result, time.perf_counter() - started))
     if note:
         typer.echo(note)
+
+
+@app.command(help=HELP_STATUS)
+@exits
+def status(job_id: Annotated[str, typer.Argument(help="The job id that submit printed.")]) -> None:
+    _connect()
+    s = jobs.Job.find(job_id).status()
+    typer.echo(
+        f"job {s.job_id}: {s.state} | {s.strips_done}/{s.strip_count} strips done, "
+        f"{s.strips_started - s.strips_done} running | {s.width}x{s.height} | "
+        f"submitted {s.age_s:.0f} s ago | output {s.output or '(not recorded)'}"
+    )
+    if s.error:
+        typer.echo(f"error: {s.error}")
+
+
+@app.command(help=HELP_RESULT)
+@exits
+def result(
+    job_id: Annotated[str, typer.Argument(help="The job id that submit printed.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file. Default: submit's.")] = None,
+    timeout: Annotated[float, typer.Option(help=HELP_TIMEOUT)] = 600.0,
+) -> None:
+    started = time.perf_counter()
+    _connect()
+    job = jobs.Job.find(job_id)
+    if out is None:
+        if not job.output:
+            raise OutputError(f"job {job_id} has no recorded output path; give one with -o.")
+        out = Path(job.output)
+    images.check_output(out)
+    result = _wait_and_write(job, out, timeout, job_id[:8])
+    typer.echo(_summary(f"job {job_id}", job, out, result, time.perf_counter() - started))
 
 
 def _on_sigterm(*_: object) -> None:

@@ -65,11 +65,17 @@ def unpack_bits(data: bytes, rows: int, width: int) -> np.ndarray:
 
 
 def _lz4_rows(data: bytes, rows: int, row_bytes: int, what: str) -> np.ndarray:
-    """LZ4-decompress to a (rows, row_bytes) uint8 array, or raise `CodecError`."""
+    """LZ4-decompress to a (rows, row_bytes) uint8 array, or raise `CodecError`.
+
+    Decompresses at most one byte more than expected: a forged frame cannot balloon in memory.
+    """
+    expected = rows * row_bytes
+    decompressor = lz4.frame.LZ4FrameDecompressor()
     try:
-        raw = lz4.frame.decompress(data)
+        raw = decompressor.decompress(data, max_length=expected + 1)
     except RuntimeError as exc:
         raise CodecError(f"{what} is not valid LZ4: {exc}") from None
-    if len(raw) != rows * row_bytes:
-        raise CodecError(f"{what} holds {len(raw)} bytes, expected {rows}x{row_bytes}")
+    if len(raw) != expected or not decompressor.eof:
+        size = f"{len(raw)}" if len(raw) <= expected else f"more than {expected}"
+        raise CodecError(f"{what} holds {size} bytes, expected {rows}x{row_bytes}")
     return np.frombuffer(raw, np.uint8).reshape(rows, row_bytes)

@@ -30,9 +30,21 @@ class EmbeddedError(LuminagridError):
     """The private Redis or the local workers of embedded mode could not be started."""
 
 
+class MessageError(LuminagridError):
+    """A task message that is malformed or forged: rejected before decoding anything."""
+
+
 class JobFailed(LuminagridError):
     """A job ran and failed on the workers."""
 
 
 class JobTimeout(LuminagridError):
     """A job did not finish within its timeout."""
+
+
+class JobNotFound(LuminagridError):
+    """No job with that id is known to Redis (never submitted, collected, or expired)."""
+
+
+class StripPoisoned(LuminagridError):
+    """A strip killed its worker process on every delivery; it is not delivered again."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -26,16 +29,49 @@ def read_image(path: Path, max_pixels: int) -> np.ndarray:
         raise InputError(f"{path} is a directory; give an image file.")
     if path.stat().st_size == 0:
         raise InputError(f"{path} is empty (0 bytes); give an image file.")
-    try:
-        image = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
-    except cv2.error as exc:
-        raise InputError(f"{path}: OpenCV refused to decode it ({_first_line(exc)}).") from None
-    if image is None:
+    with _stderr_captured() as diagnostics:
+        try:
+            image = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+        except cv2.error as exc:
+            image, error = None, _first_line(exc)
+        else:
+            error = ""
+    said = " ".join(line.strip() for line in diagnostics[0].splitlines() if line.strip())
+    if "MAX_IMAGE_PIXELS" in error:
         raise InputError(
-            f"{path}: not a readable image; use PNG, JPEG, TIFF, BMP or WebP."
+            f"{path}: its header declares more pixels than the limit of {max_pixels} "
+            "(a decompression bomb, or a huge image); raise LUMINAGRID_MAX_PIXELS if it is genuine."
         )
+    if "libpng error" in said:
+        raise InputError(f"{path}: the PNG is damaged or truncated ({said}); use a complete file.")
+    if image is None:
+        detail = f" ({said or error})" if said or error else ""
+        raise InputError(f"{path}: not a readable image{detail}; use PNG, JPEG, TIFF, BMP or WebP.")
+    if "Premature end of JPEG file" in said:
+        raise InputError(f"{path}: the JPEG is truncated ({said}); use a complete file.")
     check_pixels(image, max_pixels, str(path))
     return image
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """Capture what C libraries (libjpeg, libpng) print on file descriptor 2 meanwhile.
+
+    libjpeg reports a truncated file only as a warning there; it also keeps their noise off the
+    user's terminal. Yields a list that holds the text once the block is left.
+    """
+    captured: list[str] = [""]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured[0] = sink.read(64 * 1024).decode(errors="replace")
 
 
 def check_pixels(image: np.ndarray, max_pixels: int, name: str) -> None:
@@ -43,7 +79,7 @@ def check_pixels(image: np.ndarray, max_pixels: int, name: str) -> None:
     if height * width > max_pixels:
         raise InputError(
             f"{name} has {width}x{height} = {height * width} pixels, over the limit of {max_pixels}; "
-            "raise LUMINAGRID_MAX_PIXELS if this is intended."
+            "raise LUMINAGRID_MAX_PIXELS if it is genuine."
         )
 
 
@@ -97,7 +133,10 @@ def write_image_atomic(out: Path, image: np.ndarray) -> None:
     if not ok:
         raise OutputError(f"{out}: OpenCV could not encode the result as {out.suffix}.")
     parent = out.parent if str(out.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write there ({exc.strerror}); choose another -o.") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(buf.data)

@@ -72,6 +72,7 @@ class LocalRedis:
     folder: Path
     port: int = 0
     appendonly: bool = False
+    password: str | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,9 +81,10 @@ class LocalRedis:
 
     @property
     def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
         if self.port:
-            return f"redis://127.0.0.1:{self.port}/0"
-        return f"redis+socket://{self.socket_path}"
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis+socket://{auth}{self.socket_path}"
 
     def start(self) -> LocalRedis:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -95,6 +97,7 @@ class LocalRedis:
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--daemonize", "no",
+            *(["--requirepass", self.password] if self.password else []),
         ]
         log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -111,6 +114,11 @@ class LocalRedis:
         if self.proc is not None:
             stop_process(self.proc)
 
+    def restart(self) -> None:
+        """Stop (SIGTERM: Redis writes its AOF and exits) and start again on the same files."""
+        self.stop()
+        self.start()
+
 
 @dataclass
 class LocalWorker:
@@ -121,6 +129,7 @@ class LocalWorker:
     concurrency: int = 1
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LocalWorker:
@@ -129,7 +138,7 @@ class LocalWorker:
         args = [
             sys.executable, "-m", "celery", "-A", "luminagrid", "worker",
             "--hostname", self.name, "--concurrency", str(self.concurrency), "--pool", "prefork",
-            "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
+            "--loglevel", "WARNING", "--without-gossip", "--without-mingle", *self.extra_args,
         ]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -169,6 +178,10 @@ class LocalCluster:
     concurrency: int = 1
     folder: Path | None = None
     appendonly: bool = False
+    password: str | None = None
+    #: Environment and arguments for every worker (e.g. LUMINAGRID_VISIBILITY_TIMEOUT_S).
+    worker_env: dict[str, str] = field(default_factory=dict)
+    worker_args: list[str] = field(default_factory=list)
     redis: LocalRedis | None = None
     nodes: list[LocalWorker] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -186,7 +199,7 @@ class LocalCluster:
             self._tmp = tempfile.TemporaryDirectory(prefix="lg-")
             self.folder = Path(self._tmp.name)
         try:
-            self.redis = LocalRedis(self.folder, appendonly=self.appendonly).start()
+            self.redis = LocalRedis(self.folder, appendonly=self.appendonly, password=self.password).start()
             use_broker(self.redis.url)
             host = socket.gethostname()
             for i in range(self.workers):
@@ -202,6 +215,7 @@ class LocalCluster:
         node = LocalWorker(
             name, self.redis.url, concurrency or self.concurrency,
             log_path=self.folder / f"{name.split('@')[0]}.log",
+            extra_env=self.worker_env, extra_args=self.worker_args,
         ).start()
         self.nodes.append(node)
         return node

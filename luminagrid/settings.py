@@ -12,6 +12,8 @@ from luminagrid.errors import ConfigError
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 QUEUE = "luminagrid"
+#: Prefix of every Redis key luminagrid itself writes (Celery's own keys are `celery-*`).
+KEY_PREFIX = "luminagrid:"
 
 
 def _int(name: str, default: int, minimum: int) -> int:
@@ -39,6 +41,21 @@ class Settings:
     max_pixels: int = 250_000_000
     #: How long a job's results stay in Redis if nobody collects them, in seconds.
     result_ttl_s: int = 86_400
+    #: A strip taken by a worker that then vanished (node lost) is delivered again after this long.
+    #: Must exceed any strip's run time, or strips run twice (harmless, but wasted work).
+    visibility_timeout_s: int = 60
+    #: Deliveries of one strip that each killed its worker process, before the job fails.
+    max_deliveries: int = 3
+
+    @property
+    def soft_time_limit_s(self) -> float:
+        """A strip running this long is interrupted and retried (a hung worker, not real work)."""
+        return self.visibility_timeout_s * 0.5
+
+    @property
+    def retry_backoff_max_s(self) -> int:
+        """Retry delays stay well under the visibility timeout, or redelivery would loop."""
+        return max(1, self.visibility_timeout_s // 6)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -50,4 +67,6 @@ class Settings:
             broker_url_explicit=bool(broker),
             max_pixels=_int("LUMINAGRID_MAX_PIXELS", cls.max_pixels, 1),
             result_ttl_s=_int("LUMINAGRID_RESULT_TTL_S", cls.result_ttl_s, 60),
+            visibility_timeout_s=_int("LUMINAGRID_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, 5),
+            max_deliveries=_int("LUMINAGRID_MAX_DELIVERIES", cls.max_deliveries, 1),
         )
