@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import threading
+
 import cv2
+import kombu.pools
 from celery import Celery
 from celery.signals import worker_process_init
+
+from luminagrid import workarounds
+
+workarounds.apply()
 
 app = Celery("luminagrid", include=["luminagrid.tasks"])
 app.config_from_object("celeryconfig")
 
 
 def use_broker(broker_url: str, result_backend: str | None = None) -> None:
-    """Point this process's app at another Redis. Call before the first job is submitted."""
-    app.conf.update(broker_url=broker_url, result_backend=result_backend or broker_url)
+    """Point this process's app at another Redis, dropping connections made to the previous one."""
+    result_backend = result_backend or broker_url
+    if (app.conf.broker_url, app.conf.result_backend) == (broker_url, result_backend):
+        return
+    old = app._backend_cache or getattr(app._local, "backend", None)
+    consumer = getattr(old, "result_consumer", None)
+    if consumer is not None:
+        # Result objects keep their backend: once collected, they would unsubscribe (with
+        # retries) from a Redis that may be gone. Nothing stays subscribed to the old one.
+        consumer.subscribed_to.clear()
+    app.conf.update(broker_url=broker_url, result_backend=result_backend)
+    # Celery caches producer pools (kombu's, keyed by connection) and the result backend; drop
+    # them as Celery's own after-fork hook does, so nothing talks to the previous Redis.
+    kombu.pools.reset()
+    app._after_fork()
+    app._backend_cache = None
+    app._local = threading.local()
 
 
 @worker_process_init.connect

@@ -44,7 +44,3 @@ class JobTimeout(LuminagridError):
 
 class JobNotFound(LuminagridError):
     """No job with that id is known to Redis (never submitted, collected, or expired)."""
-
-
-class StripPoisoned(LuminagridError):
-    """A strip killed its worker process on every delivery; it is not delivered again."""

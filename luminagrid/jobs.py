@@ -33,7 +33,7 @@ from luminagrid.app import app
 from luminagrid.codec import Codec
 from luminagrid.errors import BrokerUnreachable, InputError, JobFailed, JobNotFound, JobTimeout
 from luminagrid.settings import KEY_PREFIX, QUEUE, Settings
-from luminagrid.tasks import HALO_ROWS, canny_strip, losses_key, stitch
+from luminagrid.tasks import HALO_ROWS, canny_strip, stitch
 
 #: How often `Job.wait` looks at Redis, in seconds (Celery's default of 0.5 s adds ~0.5 s a job).
 POLL_S = 0.01
@@ -136,6 +136,8 @@ def _metas(task_ids: list[str]) -> list[dict[str, Any] | None]:
 def _error_text(meta: dict[str, Any]) -> str:
     """The message of a failed task's stored exception, without Celery's wrapping."""
     exc = meta.get("result")
+    if isinstance(exc, BaseException):  # Celery rebuilds the stored exception when decoding
+        return f"{type(exc).__name__}: {exc}"
     if isinstance(exc, dict) and "exc_message" in exc:
         message = exc["exc_message"]
         text = " ".join(str(m) for m in message) if isinstance(message, (list, tuple)) else str(message)
@@ -234,9 +236,17 @@ class Job:
     def _failure_text(self, body: dict[str, Any] | None) -> str:
         """Why the job failed: the first failed strip's own error, else the stitch's."""
         todo = [i for i in range(self.strip_count) if i not in self._done]
+        plan = strips.plan_strips(self.height, self.strip_count, HALO_ROWS)
         for i, meta in zip(todo, _metas([self.strip_task_id(i) for i in todo]) if todo else []):
             if meta is not None and meta["status"] == "FAILURE":
-                return f"strip {i + 1}/{self.strip_count} failed: {_error_text(meta)}"
+                where = f"strip {i + 1}/{self.strip_count} (rows {plan[i].row0}-{plan[i].row1})"
+                text = _error_text(meta)
+                if text.startswith("WorkerLostError"):
+                    return (
+                        f"{where} killed its worker process on every delivery ({text}); it is not "
+                        "delivered again (LUMINAGRID_MAX_DELIVERIES). Check the workers' logs and memory."
+                    )
+                return f"{where} failed: {text}"
         return f"stitching failed: {_error_text(body)}" if body else "unknown failure"
 
     # --- waiting ----------------------------------------------------------------------------------
@@ -367,9 +377,7 @@ class Job:
         """Delete this job's results and record from Redis (else they expire after a day)."""
         backend = app.backend
         ids = [self.id, *(self.strip_task_id(i) for i in range(self.strip_count))]
-        backend.client.delete(
-            _key(self.id), *(backend.get_key_for_task(t) for t in ids), *(losses_key(t) for t in ids)
-        )
+        backend.client.delete(_key(self.id), *(backend.get_key_for_task(t) for t in ids))
 
 
 def load_gray(image: np.ndarray | str | Path, settings: Settings) -> np.ndarray:
@@ -429,7 +437,14 @@ def submit_gray(gray: np.ndarray, params: Params, output: str | None = None, set
         job.body = stitch.signature(
             (message,), task_id=job.id, argsrepr=f"job {job.id[:8]} stitch {len(plan)} strips"
         )
-        chord(group(job.signatures).set(task_id=job.group_id), job.body).apply_async()
+        final = chord(group(job.signatures).set(task_id=job.group_id), job.body).apply_async()
+        # Celery's group subscribes this client to every strip's result channel; we poll by key
+        # instead. Unsubscribe now, while Redis is up, and detach the result objects from the
+        # backend, so that garbage-collecting them later (AsyncResult.__del__ unsubscribes, with
+        # retries) never talks to a Redis that may be restarting or gone by then.
+        for result in [final, *(final.parent.results if final.parent is not None else [])]:
+            app.backend.result_consumer.cancel_for(result.id)
+            result.backend = None
     except REDIS_ERRORS as exc:
         raise BrokerUnreachable(
             f"could not submit to Redis at {broker.redacted(app.conf.broker_url)} ({exc}); check that it is "

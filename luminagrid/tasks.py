@@ -14,56 +14,19 @@ from typing import Any
 
 import numpy as np
 import redis
-from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.worker.request import Request
 
 from luminagrid import canny, codec, messages, strips
 from luminagrid.app import app
-from luminagrid.errors import MessageError, StripPoisoned
-from luminagrid.settings import KEY_PREFIX, Settings
+from luminagrid.errors import MessageError
+from luminagrid.settings import Settings
 
 logger = logging.getLogger(__name__)
 SETTINGS = Settings.from_env()
 HALO_ROWS = strips.halo_for(canny.HALO_NEEDED_ROWS)
 #: Worth retrying with backoff: Redis blips and a strip interrupted by the soft time limit.
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, SoftTimeLimitExceeded)
-
-
-def losses_key(task_id: str) -> str:
-    """Redis hash {count, reason}: how often running this task killed its worker process."""
-    return f"{KEY_PREFIX}lost:{task_id}"
-
-
-class StripRequest(Request):
-    """Runs in the worker's main process, which survives its pool processes: when one dies while
-    running a strip, count it, so that an input that always kills its worker is not retried forever."""
-
-    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
-        if isinstance(exc_info.exception, WorkerLostError):
-            try:
-                client = self.task.backend.client
-                key = losses_key(self.id)
-                client.pipeline().hincrby(key, "count", 1).hset(key, "reason", str(exc_info.exception)).expire(
-                    key, SETTINGS.result_ttl_s
-                ).execute()
-            except redis.RedisError:
-                logger.exception("could not record the loss of %s", self.id)
-        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
-
-
-def _refuse_poison(task: Task, job: messages.JobSpec, s: strips.Strip) -> None:
-    """Fail this strip if earlier deliveries killed the worker `max_deliveries` times."""
-    lost = task.backend.client.hgetall(losses_key(task.request.id))
-    count = int(lost.get(b"count", 0))
-    if count >= SETTINGS.max_deliveries:
-        reason = lost.get(b"reason", b"unknown").decode(errors="replace")
-        raise StripPoisoned(
-            f"strip {s.index + 1}/{job.strips} (rows {s.row0}-{s.row1}) of job {job.id} killed its worker "
-            f"process on each of {count} deliveries (last: {reason}); it is not delivered again. "
-            "Check the workers' logs and memory; a different --strips count may avoid the crash."
-        )
 
 
 def _worker_name(task: Task) -> str:
@@ -75,17 +38,21 @@ _RETRY = {
     "retry_backoff": 1,
     "retry_backoff_max": SETTINGS.retry_backoff_max_s,
     "retry_jitter": True,
-    "max_retries": 3,
+    # A pool process that dies mid-task (killed, out of memory, a crash in native code) turns into
+    # a retry 1 s later, counted like any retry: an input that kills its worker every time fails
+    # its job after `max_deliveries` runs instead of looping, and the worker stays up.
+    "retry_on_worker_lost": True,
+    "default_retry_delay": 1,
+    "max_retries": SETTINGS.max_deliveries - 1,
 }
 
 
-@app.task(name="luminagrid.canny_strip", bind=True, Request=StripRequest, **_RETRY)
+@app.task(name="luminagrid.canny_strip", bind=True, **_RETRY)
 def canny_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
     """Validate and decode one strip, run the strip half of exact Canny, return packed bit maps."""
     spec = messages.parse_job(job, SETTINGS.max_pixels)
     s = messages.parse_strip(strip, spec, HALO_ROWS)
     data = messages.check_payload(payload, s, spec)
-    _refuse_poison(self, spec, s)
     try:
         gray = codec.decode_strip(data, spec.codec, s.bottom - s.top, spec.width)
     except codec.CodecError as exc:

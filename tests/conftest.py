@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
 import pytest
 
+from luminagrid.app import use_broker
 from luminagrid.local import LocalCluster
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, str(REPO / "cli.py")]
@@ -45,10 +50,31 @@ def synthetic(seed: int, height: int, width: int, channels: int = 1, depth: type
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[LocalCluster]:
-    """A private Redis and two worker nodes (one pool process each), for the whole session."""
+def _session_cluster() -> Iterator[LocalCluster]:
     with LocalCluster(workers=2, concurrency=1) as c:
         yield c
+
+
+@pytest.fixture
+def cluster(_session_cluster: LocalCluster) -> LocalCluster:
+    """A private Redis and two worker nodes (one pool process each), shared by the session.
+
+    Other modules start clusters of their own; this points the client at the shared one again.
+    """
+    use_broker(_session_cluster.url)
+    return _session_cluster
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float, what: str, poll_s: float = 0.01) -> T:
+    """Poll `condition` until it returns something truthy; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(poll_s)
 
 
 @pytest.fixture
