@@ -4,12 +4,13 @@
 same LUMINAGRID_VISIBILITY_TIMEOUT_S.
 """
 
+from luminagrid.backend import backend_url
 from luminagrid.settings import QUEUE, Settings
 
 _settings = Settings.from_env()
 
 broker_url = _settings.broker_url
-result_backend = _settings.result_backend
+result_backend = backend_url(_settings.result_backend)
 
 # Never pickle: a pickled message runs code on whoever loads it. msgpack carries bytes natively
 # (json would base64 them); json is accepted for control/event traffic only.

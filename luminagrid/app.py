@@ -10,6 +10,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from luminagrid import workarounds
+from luminagrid.backend import backend_url
 
 workarounds.apply()
 
@@ -19,15 +20,9 @@ app.config_from_object("celeryconfig")
 
 def use_broker(broker_url: str, result_backend: str | None = None) -> None:
     """Point this process's app at another Redis, dropping connections made to the previous one."""
-    result_backend = result_backend or broker_url
+    result_backend = backend_url(result_backend or broker_url)
     if (app.conf.broker_url, app.conf.result_backend) == (broker_url, result_backend):
         return
-    old = app._backend_cache or getattr(app._local, "backend", None)
-    consumer = getattr(old, "result_consumer", None)
-    if consumer is not None:
-        # Result objects keep their backend: once collected, they would unsubscribe (with
-        # retries) from a Redis that may be gone. Nothing stays subscribed to the old one.
-        consumer.subscribed_to.clear()
     app.conf.update(broker_url=broker_url, result_backend=result_backend)
     # Celery caches producer pools (kombu's, keyed by connection) and the result backend; drop
     # them as Celery's own after-fork hook does, so nothing talks to the previous Redis.

@@ -39,6 +39,11 @@ def require(url: str, timeout_s: float = 3.0) -> None:
     try:
         with client(url, timeout_s) as r:
             r.ping()
+    except redis.AuthenticationError as exc:
+        raise BrokerUnreachable(
+            f"Redis at {redacted(url)} refused the credentials ({exc}); fix the password in "
+            "LUMINAGRID_BROKER_URL (redis://:PASSWORD@host:port/db)."
+        ) from None
     except (redis.RedisError, OSError, ValueError) as exc:
         raise BrokerUnreachable(
             f"no Redis answers at {redacted(url)} ({exc}); start Redis there, fix "

@@ -25,7 +25,7 @@ from typing import Any
 import kombu.exceptions
 import numpy as np
 import redis
-from celery import chord, group
+from celery import chord
 from celery.canvas import Signature
 
 from luminagrid import broker, canny, codec, images, messages, strips
@@ -158,6 +158,8 @@ class Job:
     _done: dict[int, dict[str, Any]] = field(default_factory=dict)
     _misses: Counter[str] = field(default_factory=Counter)
     republished: int = 0
+    #: The strips' group, whose chord join a republished strip must report to (set by submit).
+    group_id: str | None = None
     _warned_no_workers: bool = False
 
     @property
@@ -175,10 +177,6 @@ class Job:
     @property
     def strip_count(self) -> int:
         return self.spec.strips
-
-    @property
-    def group_id(self) -> str:
-        return f"{self.id}.strips"
 
     def strip_task_id(self, index: int) -> str:
         return f"{self.id}.strip{index}"
@@ -357,7 +355,7 @@ class Job:
         if task_id == self.id:  # the stitch: every strip is done, so its input is at hand
             parts = [self._done[i] for i in range(self.strip_count)]
             stitch.signature((parts, self.spec.to_message()), task_id=self.id, argsrepr=f"job {self.id[:8]} stitch").apply_async()
-        elif self.signatures is not None and self.body is not None:
+        elif self.signatures is not None and self.body is not None and self.group_id is not None:
             index = int(task_id.rsplit("strip", 1)[1])
             sig = self.signatures[index]
             sig.clone(group_id=self.group_id, group_index=index, chord=self.body).apply_async()
@@ -437,14 +435,8 @@ def submit_gray(gray: np.ndarray, params: Params, output: str | None = None, set
         job.body = stitch.signature(
             (message,), task_id=job.id, argsrepr=f"job {job.id[:8]} stitch {len(plan)} strips"
         )
-        final = chord(group(job.signatures).set(task_id=job.group_id), job.body).apply_async()
-        # Celery's group subscribes this client to every strip's result channel; we poll by key
-        # instead. Unsubscribe now, while Redis is up, and detach the result objects from the
-        # backend, so that garbage-collecting them later (AsyncResult.__del__ unsubscribes, with
-        # retries) never talks to a Redis that may be restarting or gone by then.
-        for result in [final, *(final.parent.results if final.parent is not None else [])]:
-            app.backend.result_consumer.cancel_for(result.id)
-            result.backend = None
+        final = chord(job.signatures, job.body).apply_async()
+        job.group_id = final.parent.id  # the chord join's key: a republished strip must name it
     except REDIS_ERRORS as exc:
         raise BrokerUnreachable(
             f"could not submit to Redis at {broker.redacted(app.conf.broker_url)} ({exc}); check that it is "

@@ -1,0 +1,260 @@
+"""No workers, lost messages, bad input files and forged messages: clear outcomes, never a hang."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import time
+import zlib
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import lz4.frame
+import numpy as np
+import pytest
+from conftest import CLI, synthetic, wait_for
+
+import luminagrid
+from luminagrid import broker, jobs
+from luminagrid.app import app, use_broker
+from luminagrid.local import LocalCluster, wait_for_workers
+from luminagrid.settings import QUEUE
+
+RUN_TIMEOUT_S = 120
+
+
+def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+@pytest.fixture
+def idle() -> Iterator[LocalCluster]:
+    """A Redis with no workers yet (tests add them)."""
+    with LocalCluster(workers=0) as c:
+        use_broker(c.url)
+        yield c
+
+
+def env_for(c: LocalCluster) -> dict[str, str]:
+    return {**os.environ, "LUMINAGRID_BROKER_URL": c.url}
+
+
+# --- no workers -------------------------------------------------------------------------------
+
+
+def test_with_no_workers_submit_says_so_then_the_job_can_be_collected_later(idle: LocalCluster, tmp_path: Path) -> None:
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), synthetic(41, 120, 90))
+    started = time.monotonic()
+    proc = run(["submit", str(photo), "--timeout", "5", "--codec", "lossless", "--strips", "3"], env_for(idle))
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1
+    assert f"no workers are consuming queue '{QUEUE}' at {idle.url} (workers online: 0)" in proc.stderr
+    assert "did not finish within 5 s (0/3 strips done)" in proc.stderr
+    job_id = proc.stderr.split("python cli.py result ")[1].split()[0]
+    assert elapsed < 5 + 8  # interpreter start + the timeout + cleanup
+    assert not photo.with_name("photo.edges.png").exists()
+
+    status = run(["status", job_id], env_for(idle))
+    assert status.returncode == 0 and f"job {job_id}: queued | 0/3 strips done" in status.stdout
+
+    idle.add_worker(f"late@{os.uname().nodename}")
+    collected = run(["result", job_id], env_for(idle))
+    assert collected.returncode == 0, collected.stderr
+    out = photo.with_name("photo.edges.png")  # the path submit had chosen
+    gray = cv2.imread(str(photo), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(cv2.imread(str(out), cv2.IMREAD_UNCHANGED), cv2.Canny(gray, 100, 200))
+    assert f"job {job_id} 90x120 -> {out}" in collected.stdout
+
+    gone = run(["status", job_id], env_for(idle))  # collected jobs are deleted from Redis
+    assert gone.returncode == 1 and f"no job '{job_id}'" in gone.stderr
+
+
+def test_status_and_result_of_an_unknown_job_fail_clearly(idle: LocalCluster) -> None:
+    for command in ("status", "result"):
+        proc = run([command, "no-such-job"], env_for(idle))
+        assert proc.returncode == 1
+        assert "no job 'no-such-job'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_redis_that_is_gone_for_good_fails_submit_within_its_timeout(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), synthetic(42, 64, 64))
+    with LocalCluster(workers=0) as c:
+        proc = subprocess.Popen([*CLI, "submit", str(photo), "--timeout", "4"], env=env_for(c),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: broker.client(c.url).llen(QUEUE) > 0, 30, "the job to be queued")
+        finally:
+            c.redis.stop()
+        started = time.monotonic()
+        _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 1
+    assert f"Redis at {c.url} has not answered for" in stderr and "did not finish within 4 s" in stderr
+    assert time.monotonic() - started < 4 + 5
+    assert "Traceback" not in stderr and not photo.with_name("photo.edges.png").exists()
+
+
+# --- the watchdog -----------------------------------------------------------------------------
+
+FIND_AND_DROP_LUA = """
+for _, v in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if string.find(v, '"' .. ARGV[1] .. '"', 1, true) then return redis.call('LREM', KEYS[1], 1, v) end
+end
+return 0
+"""
+
+
+def test_a_strip_message_lost_from_redis_is_published_again(idle: LocalCluster) -> None:
+    image = synthetic(43, 200, 150)
+    job = luminagrid.submit(image, strips=4, codec="lossless", low=30, high=90)
+    client = broker.client(idle.url)
+    assert client.eval(FIND_AND_DROP_LUA, 1, QUEUE, job.strip_task_id(2)) == 1  # as a Redis restart can
+    idle.add_worker(f"w@{os.uname().nodename}")
+    notes: list[str] = []
+    result = job.wait(30, on_notice=notes.append)
+    assert np.array_equal(result.edges, cv2.Canny(image, 30, 90))
+    assert result.republished == 1, notes
+    assert any(f"task {job.strip_task_id(2)} was lost" in n for n in notes)
+
+
+def test_a_lost_chord_join_is_finished_by_publishing_the_stitch_again(idle: LocalCluster) -> None:
+    image = synthetic(44, 150, 150)
+    job = luminagrid.submit(image, strips=3, codec="lossless", low=30, high=90)
+    client = broker.client(idle.url)
+    assert client.delete(f"celery-taskset-meta-{job.group_id}.s") == 1  # the chord never fires now
+    # A duplicate of a strip, as a redelivery would make: it must not count twice.
+    assert job._republish(job.strip_task_id(0))
+    idle.add_worker(f"w@{os.uname().nodename}")
+    notes: list[str] = []
+    result = job.wait(30, on_notice=notes.append)
+    assert np.array_equal(result.edges, cv2.Canny(image, 30, 90))
+    assert any(f"task {job.id} was lost" in n for n in notes)
+
+
+# --- bad input files --------------------------------------------------------------------------
+
+
+def truncated(ext: str):  # noqa: ANN201
+    def make(d: Path) -> Path:
+        path = d / f"cut{ext}"
+        ok, buf = cv2.imencode(ext, synthetic(45, 200, 200, channels=3))
+        path.write_bytes(buf.tobytes()[: buf.size // 2])
+        return path
+    return make
+
+
+def bomb(d: Path) -> Path:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 200_000, 200_000, 8, 0, 0, 0, 0)
+    path = d / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
+    return path
+
+
+def random_bytes(d: Path) -> Path:
+    path = d / "noise.jpg"
+    path.write_bytes(np.random.default_rng(46).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (truncated(".png"), "the PNG is damaged or truncated"),
+        (truncated(".jpg"), "the JPEG is truncated (Premature end of JPEG file)"),
+        (random_bytes, "not a readable image"),
+        (bomb, "its header declares more pixels than the limit of 250000000 (a decompression bomb"),
+    ],
+)
+def test_damaged_and_hostile_files_fail_with_a_clear_message(
+    cluster_env: dict[str, str], tmp_path: Path, make, message: str,  # noqa: ANN001
+) -> None:
+    path = make(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    proc = run(["submit", str(path)], cluster_env)
+    assert proc.returncode == 1
+    assert f"error: {path}: " in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr and "libpng" not in proc.stderr.replace("(libpng error", "")
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_an_image_over_the_pixel_limit_is_refused(cluster_env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    cv2.imwrite(str(path), synthetic(47, 200, 100))
+    proc = run(["submit", str(path)], {**cluster_env, "LUMINAGRID_MAX_PIXELS": "10000"})
+    assert proc.returncode == 1
+    assert "over the limit of 10000" in proc.stderr or "more pixels than the limit of 10000" in proc.stderr
+    assert "LUMINAGRID_MAX_PIXELS" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.png"]
+
+
+def test_an_unwritable_output_path_fails_cleanly_and_leaves_the_workers_healthy(
+    cluster: LocalCluster, cluster_env: dict[str, str], tmp_path: Path,
+) -> None:
+    path = tmp_path / "photo.png"
+    cv2.imwrite(str(path), synthetic(48, 64, 64))
+    for out, message in ((Path("/proc/edges.png"), "cannot write there"), (tmp_path / "no" / "e.png", "does not exist")):
+        proc = run(["submit", str(path), "-o", str(out)], cluster_env)
+        assert proc.returncode == 1
+        assert f"error: {out.parent if 'exist' in message else out}" in proc.stderr and message in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
+    assert len(app.control.ping(timeout=2.0)) == 2
+
+
+# --- forged messages --------------------------------------------------------------------------
+
+JOB = {"id": "forged", "width": 16, "height": 16, "strips": 1, "codec": "lossless", "quality": 95, "low": 10.0, "high": 20.0}
+STRIP = {"index": 0, "row0": 0, "row1": 16, "top": 0, "bottom": 16}
+
+
+class Exploit:
+    """Unpickling this runs `touch MARKER`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(
+    ("job", "strip", "payload", "message"),
+    [
+        (JOB, STRIP, b"\x04garbage", "not valid LZ4"),
+        (JOB, STRIP, lz4.frame.compress(bytes(8 * 16)), "holds 128 bytes, expected 16x16"),
+        (JOB, STRIP, lz4.frame.compress(bytes(10_000_000)), "holds more than 256 bytes"),  # a bomb that fits the size check
+        (JOB, STRIP, b"\0" * 70_000, "exceeds"),
+        ({**JOB, "codec": "jpeg"}, STRIP, b"\xff\xd8\xff garbage", "JPEG strip decoded to None"),
+        ({**JOB, "width": 10**6, "height": 10**6}, STRIP, b"", "exceeds the pixel limit"),
+        (JOB, {**STRIP, "top": 5}, b"", "are inconsistent"),
+        (JOB, {**STRIP, "row1": "16"}, b"", "'row1' = '16' is not a whole number"),
+        ("not a dict", STRIP, b"", "job must be a mapping"),
+        (JOB, STRIP, "not bytes", "payload is str, not bytes"),
+    ],
+)
+def test_forged_strip_messages_are_rejected_without_harming_the_workers(
+    cluster: LocalCluster, job: object, strip: object, payload: object, message: str,
+) -> None:
+    result = app.send_task("luminagrid.canny_strip", args=[job, strip, payload])
+    meta = wait_for(lambda: (m := jobs._metas([result.id])[0]) and m["status"] == "FAILURE" and m, 30, "the task to fail")
+    assert "MessageError" in type(meta["result"]).__name__ and message in str(meta["result"])
+    assert len(app.control.ping(timeout=2.0)) == 2
+
+
+def test_a_pickled_message_is_never_unpickled(cluster: LocalCluster, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    pids = sorted(n.proc.pid for n in cluster.nodes if n.proc)
+    app.send_task("luminagrid.canny_strip", args=[Exploit(marker)], serializer="pickle")
+    client = broker.client(cluster.url)
+    wait_for(lambda: client.llen(QUEUE) == 0 and client.hlen("unacked") == 0, 30, "the message to be consumed")
+    assert not marker.exists()
+    assert sorted(n.proc.pid for n in cluster.nodes if n.proc and n.proc.poll() is None) == pids
+    healthy = synthetic(49, 80, 80)
+    assert np.array_equal(luminagrid.submit(healthy, codec="lossless", low=30, high=90).wait(30).edges,
+                          cv2.Canny(healthy, 30, 90))
