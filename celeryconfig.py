@@ -5,12 +5,16 @@ same LUMINAGRID_VISIBILITY_TIMEOUT_S.
 """
 
 from luminagrid.backend import backend_url
+from luminagrid.broker import tls_options
 from luminagrid.settings import QUEUE, Settings
 
 _settings = Settings.from_env()
 
 broker_url = _settings.broker_url
 result_backend = backend_url(_settings.result_backend)
+# rediss:// URLs: verify the server's certificate (LUMINAGRID_REDIS_CA_CERTS, else the system's CAs).
+broker_use_ssl = tls_options(_settings.broker_url)
+redis_backend_use_ssl = tls_options(_settings.result_backend)
 
 # Never pickle: a pickled message runs code on whoever loads it. msgpack carries bytes natively
 # (json would base64 them); json is accepted for control/event traffic only.

@@ -11,6 +11,7 @@ from celery.signals import worker_process_init
 
 from luminagrid import workarounds
 from luminagrid.backend import backend_url
+from luminagrid.broker import tls_options
 
 workarounds.apply()
 
@@ -20,10 +21,15 @@ app.config_from_object("celeryconfig")
 
 def use_broker(broker_url: str, result_backend: str | None = None) -> None:
     """Point this process's app at another Redis, dropping connections made to the previous one."""
-    result_backend = backend_url(result_backend or broker_url)
-    if (app.conf.broker_url, app.conf.result_backend) == (broker_url, result_backend):
+    redis_url = result_backend or broker_url
+    if (app.conf.broker_url, app.conf.result_backend) == (broker_url, backend_url(redis_url)):
         return
-    app.conf.update(broker_url=broker_url, result_backend=result_backend)
+    app.conf.update(
+        broker_url=broker_url,
+        result_backend=backend_url(redis_url),
+        broker_use_ssl=tls_options(broker_url),
+        redis_backend_use_ssl=tls_options(redis_url),
+    )
     # Celery caches producer pools (kombu's, keyed by connection) and the result backend; drop
     # them as Celery's own after-fork hook does, so nothing talks to the previous Redis.
     kombu.pools.reset()

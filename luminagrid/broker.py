@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
+from typing import Any
 
 import redis
 
@@ -17,12 +20,26 @@ def redacted(url: str) -> str:
     return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
+def tls_options(url: str, ca_certs: str | None = None) -> dict[str, Any] | None:
+    """TLS settings for a `rediss://` URL (None for others): certificates are always verified.
+
+    `ca_certs` is a CA bundle (default: LUMINAGRID_REDIS_CA_CERTS, else the system's trust store).
+    Celery takes this dict as `broker_use_ssl` and `redis_backend_use_ssl`; without it kombu would
+    connect to a `rediss://` URL without checking the certificate.
+    """
+    if not url.startswith("rediss://"):
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca_certs or os.environ.get("LUMINAGRID_REDIS_CA_CERTS") or None}
+
+
 def client(url: str, timeout_s: float = 2.0) -> redis.Redis:
     """A redis-py client for a Celery-style URL (`redis://`, `rediss://`, `redis+socket://`)."""
     for scheme in _SOCKET_SCHEMES:
         if url.startswith(scheme):
             url = "unix://" + url[len(scheme):]
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, **(tls_options(url) or {})
+    )
 
 
 def answers(url: str, timeout_s: float = 0.5) -> bool:
