@@ -10,7 +10,6 @@ from typing import Any
 import redis
 
 from luminagrid.errors import BrokerUnreachable
-from luminagrid.settings import DEFAULT_BROKER_URL as DEFAULT_URL
 
 _SOCKET_SCHEMES = ("redis+socket://", "socket://")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from conftest import CLI, synthetic
 
 from luminagrid import broker
 from luminagrid.local import free_port
+from luminagrid.settings import DEFAULT_BROKER_URL
 
 RUN_TIMEOUT_S = 120
 
@@ -91,7 +92,7 @@ def embedded_env() -> dict[str, str]:
 
 
 def test_with_no_redis_configured_submit_runs_embedded_and_stops_everything(photo: Path) -> None:
-    if broker.answers(broker.DEFAULT_URL):
+    if broker.answers(DEFAULT_BROKER_URL):
         pytest.skip("a Redis answers at the default URL, so embedded mode would not be chosen")
     env = embedded_env()
     proc = run(["submit", str(photo), "--codec", "lossless", "--workers", "2"], env)

@@ -22,7 +22,7 @@ from faults import POISON
 
 import luminagrid
 from luminagrid import jobs
-from luminagrid.app import app, use_broker
+from luminagrid.app import use_broker
 from luminagrid.errors import JobFailed
 from luminagrid.local import LocalCluster, wait_for_workers
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import pickle
+import struct
 import subprocess
 import time
 import zlib
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from conftest import CLI, synthetic, wait_for
 import luminagrid
 from luminagrid import broker, jobs
 from luminagrid.app import app, use_broker
-from luminagrid.local import LocalCluster, wait_for_workers
+from luminagrid.local import LocalCluster
 from luminagrid.settings import QUEUE
 
 RUN_TIMEOUT_S = 120
