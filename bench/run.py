@@ -70,7 +70,13 @@ def main() -> None:
     repeats = 3 if args.quick else args.repeats
     width, height = (int(v) for v in args.size.lower().split("x"))
 
-    work = Path(tempfile.mkdtemp(prefix="lg-bench-"))
+    with tempfile.TemporaryDirectory(prefix="lg-bench-") as tmp:
+        samples = measure(Path(tmp), width, height, repeats, not args.no_process)
+    report(samples, width, height, repeats, args.json)
+
+
+def measure(work: Path, width: int, height: int, repeats: int, processes: bool) -> dict[str, list[float]]:
+    """Time every candidate `repeats` times, interleaved; returns name -> seconds."""
     src = work / "input.png"
     cv2.imwrite(str(src), photo_like(width, height))
     out = work / "out.png"
@@ -98,7 +104,7 @@ def main() -> None:
             "luminagrid lossless": distributed("lossless"),
             "luminagrid jpeg q95": distributed("jpeg"),
         }
-        if not args.no_process:
+        if processes:
             candidates |= {
                 "script (process)": process([sys.executable, "-c", BASELINE_SCRIPT, str(src), str(out)]),
                 "cli lossless (process)": process(
@@ -113,6 +119,11 @@ def main() -> None:
         for r in range(repeats):
             for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
                 samples[name].append(timed(candidates[name]))
+    return samples
+
+
+def report(samples: dict[str, list[float]], width: int, height: int, repeats: int, json_path: Path | None) -> None:
+    """Print medians and ratios; write them, with every sample, as JSON."""
 
     def ratio_base(name: str) -> str:
         return "script (process)" if "(process)" in name else "baseline (in-process)"
@@ -139,7 +150,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "opencv": cv2.__version__},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    path = args.json or REPO / "bench" / "results" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = json_path or REPO / "bench" / "results" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     print(f"JSON: {path}")
