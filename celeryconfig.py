@@ -24,6 +24,10 @@ accept_content = ["msgpack", "json"]
 result_accept_content = ["msgpack", "json"]
 
 task_default_queue = QUEUE
+
+# Monitoring (Flower): workers send task events, clients a task-sent event, tasks report STARTED.
+worker_send_task_events = True
+task_send_sent_event = True
 result_expires = _settings.result_ttl_s
 
 # At-least-once strips: a message is acknowledged only after its result is stored; a pool process

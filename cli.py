@@ -18,11 +18,12 @@ from typing import Annotated, Optional, ParamSpec
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from luminagrid import broker, images, jobs, local
+from luminagrid import broker, images, jobs, local, monitor
 from luminagrid.app import use_broker
 from luminagrid.codec import Codec
-from luminagrid.errors import LuminagridError, OutputError
+from luminagrid.errors import EmbeddedError, LuminagridError, OutputError
 from luminagrid.settings import Settings
 
 HELP = "Exact, distributed edge detection on Celery and Redis."
@@ -32,6 +33,12 @@ HELP_SUBMIT = (
 )
 HELP_STATUS = "Show how far job JOB_ID has come."
 HELP_RESULT = "Wait for job JOB_ID (e.g. after submit timed out) and write its output."
+HELP_WORKERS_CMD = "List the online workers: pool size, strips running now, tasks processed."
+HELP_CLUSTER = (
+    "Run a whole local system in the foreground: a private Redis, N workers and Flower. "
+    "Prints the Flower URL and the line a second terminal needs to submit; Ctrl-C stops it all."
+)
+HELP_FLOWER_AUTH = "Protect Flower with basic auth, as user:password."
 HELP_OUT = "Output file (lossless format: .png, .tif, .bmp, ...). Default: <stem>.edges.png beside IMAGE."
 HELP_STRIPS = "Number of horizontal strips. Default: about one per megapixel, at least 2."
 HELP_CODEC = "How strips travel: jpeg (smaller; exact w.r.t. the JPEG-decoded image) or lossless."
@@ -188,6 +195,42 @@ def result(
     images.check_output(out)
     result = _wait_and_write(job, out, timeout, job_id[:8])
     typer.echo(_summary(f"job {job_id}", job, out, result, time.perf_counter() - started))
+
+
+@app.command(help=HELP_WORKERS_CMD)
+@exits
+def workers(timeout: Annotated[float, typer.Option(help="Seconds to wait for answers.")] = 2.0) -> None:
+    _connect()
+    table = Table("worker", "host", "pool", "active strips", "processed")
+    for w in monitor.list_workers(timeout):
+        table.add_row(w.name, w.host, str(w.pool_processes), str(w.active_strips), str(w.processed))
+    Console(soft_wrap=True).print(table)
+
+
+@app.command(help=HELP_CLUSTER)
+@exits
+def cluster(
+    workers: Annotated[int, typer.Option(help="Worker processes to start.")] = 2,
+    flower_port: Annotated[int, typer.Option(help="Port for Flower on 127.0.0.1.")] = 5555,
+    flower_auth: Annotated[
+        Optional[str], typer.Option(help=HELP_FLOWER_AUTH, envvar="LUMINAGRID_FLOWER_AUTH")
+    ] = None,
+) -> None:
+    with local.LocalCluster(workers=max(1, workers), concurrency=1) as c:
+        assert c.folder is not None
+        flower = local.LocalFlower(c.url, flower_port, flower_auth, log_path=c.folder / "flower.log").start()
+        try:
+            typer.echo(f"luminagrid cluster: Redis at {c.url}, {len(c.nodes)} worker(s), Flower at {flower.url}/")
+            typer.echo(f"In another terminal:  export LUMINAGRID_BROKER_URL={c.url}")
+            typer.echo("then:                 python cli.py submit IMAGE")
+            typer.echo("Ctrl-C stops everything.", err=False)
+            while not (gone := c.dead() + (["flower"] if flower.proc and flower.proc.poll() is not None else [])):
+                time.sleep(0.5)
+            raise EmbeddedError(f"{', '.join(gone)} exited; logs are in {c.folder}")
+        except KeyboardInterrupt:
+            typer.echo("stopping: Flower, workers, Redis")
+        finally:
+            flower.stop()
 
 
 def _on_sigterm(*_: object) -> None:

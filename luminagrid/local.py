@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,54 @@ class LocalWorker:
             stop_process(self.proc)
 
 
+@dataclass
+class LocalFlower:
+    """`celery -A luminagrid flower` on 127.0.0.1:`port`, with basic auth if `auth` ("user:password")."""
+
+    broker_url: str
+    port: int = 5555
+    auth: str | None = None
+    log_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LocalFlower:
+        env = {**os.environ, "LUMINAGRID_BROKER_URL": self.broker_url}
+        env.pop("LUMINAGRID_RESULT_BACKEND", None)
+        args = [sys.executable, "-m", "celery", "-A", "luminagrid", "flower",
+                f"--port={self.port}", "--address=127.0.0.1"]
+        if self.auth:
+            args.append(f"--basic-auth={self.auth}")
+        else:
+            env["FLOWER_UNAUTHENTICATED_API"] = "true"  # loopback only: let the API answer
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        if out is not subprocess.DEVNULL:
+            out.close()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self._healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise EmbeddedError(f"Flower did not start on port {self.port}; see {self.log_path}")
+            time.sleep(0.1)
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthcheck", timeout=1) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
 def wait_for_workers(names: list[str], procs: list[subprocess.Popen[bytes]], timeout_s: float = READY_TIMEOUT_S) -> None:
     """Block until every named worker answers a ping, or raise `EmbeddedError`."""
     from luminagrid.app import app  # noqa: PLC0415 - configured by the caller first
@@ -219,6 +268,13 @@ class LocalCluster:
         ).start()
         self.nodes.append(node)
         return node
+
+    def dead(self) -> list[str]:
+        """Names of the processes started here that have exited (Redis or workers)."""
+        gone = [n.name for n in self.nodes if n.proc is not None and n.proc.poll() is not None]
+        if self.redis is not None and self.redis.proc is not None and self.redis.proc.poll() is not None:
+            gone.append("redis-server")
+        return gone
 
     def pids(self) -> list[int]:
         procs = [n.proc for n in self.nodes] + [self.redis.proc if self.redis else None]

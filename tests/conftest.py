@@ -65,6 +65,19 @@ def cluster(_session_cluster: LocalCluster) -> LocalCluster:
     return _session_cluster
 
 
+def processes_with(marker: str) -> list[int]:
+    """PIDs of live processes whose environment holds `marker` (children inherit it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def wait_for(condition: Callable[[], T], timeout_s: float, what: str, poll_s: float = 0.01) -> T:
     """Poll `condition` until it returns something truthy; fail the test after `timeout_s`."""
     deadline = time.monotonic() + timeout_s

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import CLI, synthetic
+from conftest import CLI, processes_with, synthetic
 
 from luminagrid import broker
 from luminagrid.local import free_port
@@ -70,19 +70,6 @@ def test_passwords_in_urls_are_not_printed(photo: Path) -> None:
     env = {**os.environ, "LUMINAGRID_BROKER_URL": f"redis://:s3cret@127.0.0.1:{free_port()}/0"}
     proc = run(["submit", str(photo)], env)
     assert proc.returncode == 1 and "s3cret" not in proc.stderr and ":***@" in proc.stderr
-
-
-def processes_with(marker: str) -> list[int]:
-    """PIDs of live processes whose environment holds `marker` (children inherit it)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def embedded_env() -> dict[str, str]:

@@ -1,0 +1,139 @@
+"""Operating it: Flower sees workers and labelled tasks, `cli.py cluster`, `cli.py workers`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from conftest import CLI, REPO, processes_with, synthetic, wait_for
+
+import luminagrid
+from luminagrid.app import use_broker
+from luminagrid.local import LocalCluster, LocalFlower, free_port
+from luminagrid.strips import plan_strips
+
+AUTH = "admin:flower-secret"
+
+
+def get(url: str, auth: str | None = AUTH) -> tuple[int, Any]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            body = reply.read()
+            kind = reply.headers.get("Content-Type", "")
+            return reply.status, json.loads(body) if "json" in kind else body.decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, LocalFlower]]:
+    with LocalCluster(workers=2, concurrency=1) as c:
+        log = tmp_path_factory.mktemp("flower") / "flower.log"
+        flower = LocalFlower(c.url, free_port(), AUTH, log_path=log).start()
+        try:
+            yield c, flower
+        finally:
+            flower.stop()
+
+
+def test_flower_lists_both_workers_and_every_task_of_a_job_with_a_short_label(
+    watched: tuple[LocalCluster, LocalFlower],
+) -> None:
+    c, flower = watched
+    use_broker(c.url)
+    # Flower subscribes to events a moment after it answers: wait until it has seen a job.
+    def flower_saw_a_job() -> bool:
+        probe = luminagrid.submit(synthetic(61, 16, 16), strips=1)
+        probe.wait(30)
+        return get(f"{flower.url}/api/task/info/{probe.id}")[0] == 200
+    wait_for(flower_saw_a_job, 60, "Flower to receive task events", poll_s=0.5)
+
+    image = synthetic(62, 300, 200)
+    job = luminagrid.submit(image, strips=5, codec="lossless", low=30, high=90)
+    assert np.array_equal(job.wait(30).edges, cv2.Canny(image, 30, 90))
+    ids = [job.strip_task_id(i) for i in range(5)] + [job.id]
+
+    def all_succeeded() -> dict[str, Any] | None:
+        status, tasks = get(f"{flower.url}/api/tasks?limit=1000")
+        if status != 200 or not all(tasks.get(t, {}).get("state") == "SUCCESS" for t in ids):
+            return None
+        return tasks
+    tasks = wait_for(all_succeeded, 30, "Flower to show every task as SUCCESS", poll_s=0.2)
+    for s in plan_strips(300, 5, 8):
+        task = tasks[job.strip_task_id(s.index)]
+        assert task["name"] == "luminagrid.canny_strip"
+        assert task["args"] == f"job {job.id[:8]} strip {s.index + 1}/5 rows {s.row0}-{s.row1}"
+    stitch = tasks[job.id]
+    assert stitch["name"] == "luminagrid.stitch" and stitch["args"] == f"job {job.id[:8]} stitch 5 strips"
+    assert all(len(str(tasks[t]["args"])) < 80 and len(str(tasks[t].get("kwargs"))) < 80 for t in ids)
+
+    status, workers = get(f"{flower.url}/api/workers?refresh=1")
+    assert status == 200 and sorted(workers) == sorted(n.name for n in c.nodes)
+    assert get(f"{flower.url}/api/workers", auth=None)[0] == 401  # basic auth is on
+    status, metrics = get(f"{flower.url}/metrics", auth=None)
+    assert status == 200 and "flower_events_total" in metrics
+
+
+def test_workers_command_lists_the_online_workers(watched: tuple[LocalCluster, LocalFlower]) -> None:
+    c, _ = watched
+    proc = subprocess.run([*CLI, "workers"], env={**os.environ, "LUMINAGRID_BROKER_URL": c.url},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for node in c.nodes:
+        assert node.name in proc.stdout
+    assert "pool" in proc.stdout and "active strips" in proc.stdout and "processed" in proc.stdout
+
+
+def test_workers_command_with_no_workers_fails_clearly() -> None:
+    with LocalCluster(workers=0) as c:
+        proc = subprocess.run([*CLI, "workers", "--timeout", "1"], env={**os.environ, "LUMINAGRID_BROKER_URL": c.url},
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert f"no worker answered within 1 s at {c.url}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cluster_runs_a_whole_system_and_stops_everything(tmp_path: Path, sig: signal.Signals) -> None:
+    marker = f"marker-{uuid.uuid4()}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LUMINAGRID_")}, "LUMINAGRID_TEST_MARKER": marker}
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "cluster", "--workers", "2", "--flower-port", str(port)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        banner = [proc.stdout.readline() for _ in range(4)]
+        assert f"Flower at http://127.0.0.1:{port}/" in banner[0], banner
+        url = banner[1].split("export LUMINAGRID_BROKER_URL=", 1)[1].strip()
+        assert get(f"http://127.0.0.1:{port}/healthcheck", auth=None)[0] == 200
+
+        photo = tmp_path / "photo.png"
+        cv2.imwrite(str(photo), synthetic(63, 90, 70))
+        submitted = subprocess.run([*CLI, "submit", str(photo), "--codec", "lossless"],
+                                   env={**os.environ, "LUMINAGRID_BROKER_URL": url}, capture_output=True, text=True, timeout=60)
+        assert submitted.returncode == 0, submitted.stderr
+        assert "served by local1@" in submitted.stdout and "local2@" in submitted.stdout
+        assert len(processes_with(marker)) >= 1 + 1 + 2 + 1  # cli, redis, 2 workers (+ pool), flower
+
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopping" in out
+    assert processes_with(marker) == []
