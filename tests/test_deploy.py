@@ -1,0 +1,80 @@
+"""The Docker Compose deployment: what it runs matches what the README and .env.example say.
+
+No Docker engine runs here, so images are not built; `docker compose config` runs where Compose
+is installed, and the structure is checked everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import REPO
+
+COMPOSE = REPO / "docker-compose.yml"
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def env_example() -> set[str]:
+    return {line.split("=", 1)[0] for line in (REPO / ".env.example").read_text().splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_redis_persists_with_aof_behind_a_password_on_a_volume() -> None:
+    redis = compose()["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command and "--requirepass ${REDIS_PASSWORD" in command
+    assert any(v.endswith(":/data") and v.split(":")[0] in compose()["volumes"] for v in redis["volumes"])
+    assert all(p.startswith("127.0.0.1:") for p in redis["ports"])  # not exposed beyond the host
+
+
+def test_workers_scale_and_flower_is_behind_basic_auth() -> None:
+    services = compose()["services"]
+    worker, flower = services["worker"], services["flower"]
+    assert worker["command"][:4] == ["celery", "-A", "luminagrid", "worker"]
+    assert "container_name" not in worker and "ports" not in worker  # `--scale worker=N` works
+    assert worker["environment"]["LUMINAGRID_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
+    assert worker["environment"]["LUMINAGRID_BROKER_URL"].endswith("@redis:6379/0")
+    assert flower["command"][:4] == ["celery", "-A", "luminagrid", "flower"]
+    assert any(a.startswith("--basic-auth=${FLOWER_USER") and "${FLOWER_PASSWORD" in a for a in flower["command"])
+    assert flower["ports"] == ["${FLOWER_PORT:-5555}:5555"] and "--port=5555" in flower["command"]
+
+
+def test_every_variable_the_compose_file_uses_is_in_env_example_and_the_readme() -> None:
+    used = set(re.findall(r"\$\{([A-Z_]+)", COMPOSE.read_text()))
+    assert used == env_example()
+    readme = (REPO / "README.md").read_text()
+    for name in used:
+        assert f"`{name}`" in readme, name
+    assert "docker compose up -d --scale worker=" in readme and "cp .env.example .env" in readme
+    assert "http://localhost:5555" in readme
+
+
+def test_the_image_holds_what_pip_install_needs_and_runs_a_worker() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    copied = " ".join(line for line in dockerfile.splitlines() if line.startswith("COPY"))
+    for needed in ("pyproject.toml", "README.md", "celeryconfig.py", "cli.py", "luminagrid"):
+        assert needed in copied, needed
+    assert 'CMD ["celery", "-A", "luminagrid", "worker"' in dockerfile
+    assert "USER luminagrid" in dockerfile  # not root
+
+
+@pytest.mark.skipif(
+    shutil.which("docker") is None
+    or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0,
+    reason="Docker Compose is not installed here",
+)
+def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
+    for name in ("docker-compose.yml", "Dockerfile"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copy(REPO / ".env.example", tmp_path / ".env")
+    proc = subprocess.run(["docker", "compose", "config", "--quiet"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
