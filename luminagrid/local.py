@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,28 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_
         proc.wait(timeout_s)
 
 
+def spawn(args: list[str], log_path: Path | None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start `args` in a session of its own (so its children can be stopped with it), output to a log."""
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
+    try:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=Path(__file__).resolve().parent.parent)  # where celeryconfig.py lives
+    finally:
+        if out is not subprocess.DEVNULL:
+            out.close()
+
+
+def wait_until_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str,
+                     log_path: Path | None, poll_s: float = 0.05) -> None:
+    """Poll `ready` until it holds; if `proc` exits or READY_TIMEOUT_S passes, stop it and raise."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc)
+            raise EmbeddedError(f"{what} did not start; see {log_path}")
+        time.sleep(poll_s)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,15 +122,8 @@ class LocalRedis:
             "--daemonize", "no",
             *(["--requirepass", self.password] if self.password else []),
         ]
-        log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not broker.answers(self.url, 0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise EmbeddedError(f"redis-server did not start; see {self.folder / 'redis.log'}")
-            time.sleep(0.02)
+        self.proc = spawn(args, self.folder / "redis.log")
+        wait_until_ready(self.proc, lambda: broker.answers(self.url, 0.2), "redis-server", self.folder / "redis.log")
         return self
 
     def stop(self) -> None:
@@ -141,13 +156,7 @@ class LocalWorker:
             "--hostname", self.name, "--concurrency", str(self.concurrency), "--pool", "prefork",
             "--loglevel", "WARNING", "--without-gossip", "--without-mingle", *self.extra_args,
         ]
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=Path(__file__).resolve().parent.parent,  # where celeryconfig.py lives
-        )
-        if out is not subprocess.DEVNULL:
-            out.close()
+        self.proc = spawn(args, self.log_path, env)
         return self
 
     def stop(self) -> None:
@@ -178,17 +187,8 @@ class LocalFlower:
             args.append(f"--basic-auth={self.auth}")
         else:
             env["FLOWER_UNAUTHENTICATED_API"] = "true"  # loopback only: let the API answer
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                     cwd=Path(__file__).resolve().parent.parent)
-        if out is not subprocess.DEVNULL:
-            out.close()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not self._healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise EmbeddedError(f"Flower did not start on port {self.port}; see {self.log_path}")
-            time.sleep(0.1)
+        self.proc = spawn(args, self.log_path, env)
+        wait_until_ready(self.proc, self._healthy, f"Flower on port {self.port}", self.log_path, poll_s=0.1)
         return self
 
     def _healthy(self) -> bool:
