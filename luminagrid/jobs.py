@@ -161,6 +161,7 @@ class Job:
     #: The strips' group, whose chord join a republished strip must report to (set by submit).
     group_id: str | None = None
     _warned_no_workers: bool = False
+    _broker_client: redis.Redis | None = None
 
     @property
     def id(self) -> str:
@@ -334,8 +335,11 @@ class Job:
         """Publish again any task of this job that is nowhere: not queued, unacked, nor finished."""
         todo = [i for i in range(self.strip_count) if i not in self._done]
         ids = [self.strip_task_id(i) for i in todo] if todo else [self.id]
-        client = app.backend.client
-        found = client.eval(_FIND_TASKS_LUA, 2, QUEUE, "unacked", *ids)
+        # The queue and kombu's unacked hash live in the broker's Redis, which need not be the
+        # result backend's (LUMINAGRID_RESULT_BACKEND).
+        if self._broker_client is None:
+            self._broker_client = broker.client(app.conf.broker_url)
+        found = self._broker_client.eval(_FIND_TASKS_LUA, 2, QUEUE, "unacked", *ids)
         # Between our poll and the scan a task may have finished and been acked: look again.
         finished = {i for i, meta in zip(ids, _metas(ids)) if meta is not None and meta["status"] in ("SUCCESS", "FAILURE")}
         for task_id, seen in zip(ids, found):

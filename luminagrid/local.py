@@ -149,8 +149,9 @@ class LocalWorker:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LocalWorker:
-        env = {**os.environ, **self.extra_env, "LUMINAGRID_BROKER_URL": self.broker_url}
-        env.pop("LUMINAGRID_RESULT_BACKEND", None)
+        # The backend follows the broker unless `extra_env` names another.
+        env = {k: v for k, v in os.environ.items() if k != "LUMINAGRID_RESULT_BACKEND"}
+        env |= {**self.extra_env, "LUMINAGRID_BROKER_URL": self.broker_url}
         args = [
             sys.executable, "-m", "celery", "-A", "luminagrid", "worker",
             "--hostname", self.name, "--concurrency", str(self.concurrency), "--pool", "prefork",

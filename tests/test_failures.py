@@ -19,7 +19,7 @@ from conftest import CLI, synthetic, wait_for
 import luminagrid
 from luminagrid import broker, jobs
 from luminagrid.app import app, use_broker
-from luminagrid.local import LocalCluster
+from luminagrid.local import LocalCluster, LocalRedis, LocalWorker
 from luminagrid.settings import QUEUE
 
 RUN_TIMEOUT_S = 120
@@ -132,6 +132,26 @@ def test_a_lost_chord_join_is_finished_by_publishing_the_stitch_again(idle: Loca
     result = job.wait(30, on_notice=notes.append)
     assert np.array_equal(result.edges, cv2.Canny(image, 30, 90))
     assert any(f"task {job.id} was lost" in n for n in notes)
+
+
+def test_the_watchdog_looks_for_messages_in_the_brokers_redis_not_the_backends(tmp_path: Path) -> None:
+    queues, results = LocalRedis(tmp_path / "broker").start(), LocalRedis(tmp_path / "backend").start()
+    worker = LocalWorker(f"split@{os.uname().nodename}", queues.url, extra_env={"LUMINAGRID_RESULT_BACKEND": results.url},
+                         log_path=tmp_path / "worker.log")
+    try:
+        use_broker(queues.url, results.url)
+        image = synthetic(50, 120, 100)
+        job = luminagrid.submit(image, strips=3, codec="lossless", low=30, high=90)
+        notes: list[str] = []
+        for _ in range(jobs.WATCH_MISSES + 1):  # queued messages are not "lost", however often it looks
+            job._watch(notes.append)
+        assert job.republished == 0 and notes == []
+        worker.start()
+        assert np.array_equal(job.wait(30).edges, cv2.Canny(image, 30, 90))
+    finally:
+        worker.stop()
+        queues.stop()
+        results.stop()
 
 
 # --- bad input files --------------------------------------------------------------------------
