@@ -12,11 +12,13 @@ pixels links it to a strong one, however far away. So:
 2. On the stitcher: a pending component that touches an edge pixel across a seam (directly, or
    through other pending pixels) becomes an edge. Everything else pending is dropped.
 
-The result is pixel-identical to `cv2.Canny(gray, low, high)` (L1 gradient, aperture 3).
+The result is pixel-identical to `cv2.Canny(gray, low, high)` (L1 gradient, aperture 3), with
+thresholds rounded down to whole numbers as OpenCV itself applies them (`whole_thresholds`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import cv2
@@ -35,6 +37,15 @@ class StripEdges(NamedTuple):
     pending: np.ndarray
 
 
+def whole_thresholds(low: float, high: float) -> tuple[float, float]:
+    """Thresholds as OpenCV applies them: gradients are integers, so `m > t` is `m > floor(t)`.
+
+    Flooring up front also makes OpenCV agree with itself: its single-threaded path rounds a
+    threshold to float32 first, so 9.99999999999997 acts as 10 there and as 9 with threads.
+    """
+    return float(math.floor(low)), float(math.floor(high))
+
+
 def canny_strip(
     gray: np.ndarray, halo_top: int, halo_bottom: int, low: float, high: float,
     seam_above: bool, seam_below: bool,
@@ -44,6 +55,7 @@ def canny_strip(
     `seam_above`/`seam_below` say whether another strip continues the image there; only
     components touching such a seam can be pending.
     """
+    low, high = whole_thresholds(low, high)
     end = gray.shape[0] - halo_bottom
     candidates = cv2.Canny(gray, low, low)[halo_top:end]
     strong = cv2.Canny(gray, high, high)[halo_top:end]
@@ -98,4 +110,4 @@ def finish_seams(edges: np.ndarray, pending: np.ndarray, seams: list[int]) -> np
 
 def canny_reference(gray: np.ndarray, low: float, high: float) -> np.ndarray:
     """Whole-image Canny as a (H, W) bool map: the single-machine answer."""
-    return cv2.Canny(gray, low, high) > 0
+    return cv2.Canny(gray, *whole_thresholds(low, high)) > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import cv2
@@ -20,12 +21,15 @@ TIMEOUT_S = 60
 
 
 def reference(image: np.ndarray, low: float, high: float, kind: str, quality: int) -> np.ndarray:
-    """Single-machine answer: Canny of the gray image (of its JPEG round trip in jpeg mode)."""
+    """Single-machine answer: Canny of the gray image (of its JPEG round trip in jpeg mode).
+
+    Thresholds are whole numbers as luminagrid documents (`canny.whole_thresholds`).
+    """
     gray = to_gray8(image)
     if kind == "jpeg":
         ok, buf = cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, quality])
         gray = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    return cv2.Canny(gray, low, high)
+    return cv2.Canny(gray, math.floor(low), math.floor(high))
 
 
 images = st.builds(
@@ -53,6 +57,14 @@ def test_distributed_output_equals_single_machine_canny(
     job = luminagrid.submit(image, low=low, high=low + span, strips=strips, codec=kind, quality=quality)
     result = job.wait(TIMEOUT_S)
     assert np.array_equal(result.edges, reference(image, low, low + span, kind, quality))
+
+
+def test_a_threshold_just_below_a_whole_number_acts_as_its_floor_on_every_thread_count(cluster: LocalCluster) -> None:
+    # OpenCV's single-threaded Canny (the workers') rounds 9.999999999999972 to float32 (10.0).
+    image = synthetic(0, 16, 247)
+    result = luminagrid.submit(image, low=9.999999999999972, high=9.999999999999972, codec="lossless").wait(TIMEOUT_S)
+    assert np.array_equal(result.edges, cv2.Canny(image, 9, 9))
+    assert not np.array_equal(result.edges, cv2.Canny(image, 10, 10))
 
 
 @pytest.mark.parametrize("kind", ["lossless", "jpeg"])
