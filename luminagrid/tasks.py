@@ -7,7 +7,6 @@ chord join counts each strip once.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import Counter
 from typing import Any
@@ -22,7 +21,6 @@ from luminagrid.app import app
 from luminagrid.errors import MessageError
 from luminagrid.settings import Settings
 
-logger = logging.getLogger(__name__)
 SETTINGS = Settings.from_env()
 HALO_ROWS = strips.halo_for(canny.HALO_NEEDED_ROWS)
 #: Worth retrying with backoff: Redis blips and a strip interrupted by the soft time limit.
