@@ -182,6 +182,11 @@ class Job:
     def strip_task_id(self, index: int) -> str:
         return f"{self.id}.strip{index}"
 
+    @property
+    def stitch_label(self) -> str:
+        """What Flower and logs show for the stitch task instead of the strips' bit maps."""
+        return f"job {self.id[:8]} stitch {self.strip_count} strips"
+
     # --- the record that lets another process find this job -------------------------------------
 
     def save_record(self, ttl_s: int) -> None:
@@ -197,11 +202,8 @@ class Job:
                 f"no job {job_id!r} in Redis at {broker.redacted(app.conf.broker_url)}: it was never "
                 "submitted there, was already collected, or expired; check the id and LUMINAGRID_BROKER_URL."
             )
-        record = json.loads(raw)
-        spec = messages.JobSpec(
-            id=record["id"], width=record["width"], height=record["height"], strips=record["strips"],
-            codec=Codec(record["codec"]), quality=record["quality"], low=record["low"], high=record["high"],
-        )
+        record = json.loads(raw)  # the job message, plus where to write and when it was sent
+        spec = messages.parse_job(record, Settings.from_env().max_pixels)
         return cls(spec=spec, output=record.get("output"), submitted_at=record["submitted_at"])
 
     # --- progress ---------------------------------------------------------------------------------
@@ -358,7 +360,7 @@ class Job:
     def _republish(self, task_id: str) -> bool:
         if task_id == self.id:  # the stitch: every strip is done, so its input is at hand
             parts = [self._done[i] for i in range(self.strip_count)]
-            stitch.signature((parts, self.spec.to_message()), task_id=self.id, argsrepr=f"job {self.id[:8]} stitch").apply_async()
+            stitch.signature((parts, self.spec.to_message()), task_id=self.id, argsrepr=self.stitch_label).apply_async()
         elif self.signatures is not None and self.body is not None and self.group_id is not None:
             index = int(task_id.rsplit("strip", 1)[1])
             sig = self.signatures[index]
@@ -436,9 +438,7 @@ def submit_gray(gray: np.ndarray, params: Params, output: str | None = None, set
             )
             for s in plan
         ]
-        job.body = stitch.signature(
-            (message,), task_id=job.id, argsrepr=f"job {job.id[:8]} stitch {len(plan)} strips"
-        )
+        job.body = stitch.signature((message,), task_id=job.id, argsrepr=job.stitch_label)
         final = chord(job.signatures, job.body).apply_async()
         job.group_id = final.parent.id  # the chord join's key: a republished strip must name it
     except REDIS_ERRORS as exc:
