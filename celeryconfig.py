@@ -6,7 +6,7 @@ same LUMINAGRID_VISIBILITY_TIMEOUT_S.
 
 from luminagrid.backend import backend_url
 from luminagrid.broker import tls_options
-from luminagrid.settings import QUEUE, Settings
+from luminagrid.settings import QUEUE, UNACKED_MUTEX_EXPIRE_S, Settings
 
 _settings = Settings.from_env()
 
@@ -41,6 +41,10 @@ _transport = {
     "visibility_timeout": _settings.visibility_timeout_s,
     "unacked_restore_interval": 1,
     "unacked_restore_throttle": 1,
+    # The sweep takes a Redis lock that expires after 300 s by default: a worker SIGKILLed while
+    # holding it would stop every other worker's sweep for 5 minutes. A sweep takes milliseconds,
+    # and each restore is its own transaction, so two sweeps at once are harmless.
+    "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
 }
 broker_transport_options = _transport
 result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}

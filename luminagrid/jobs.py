@@ -49,19 +49,20 @@ REDIS_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError, OSError)
 # envelopes whose last part, the properties, holds `"correlation_id": "<task id>"`; only the
 # tail of each value is searched, so the pixel payloads are not scanned.
 _FIND_TASKS_LUA = """
+-- Returns, per id, 0 (nowhere), 1 (queued) or 2 (held unacknowledged by a worker).
 local found = {}
-local function scan(values)
+local function scan(values, where)
   for _, v in ipairs(values) do
     local tail = string.sub(v, -4096)
     for i, id in ipairs(ARGV) do
-      if not found[i] and string.find(tail, '"' .. id .. '"', 1, true) then found[i] = true end
+      if not found[i] and string.find(tail, '"' .. id .. '"', 1, true) then found[i] = where end
     end
   end
 end
-scan(redis.call('LRANGE', KEYS[1], 0, -1))
-scan(redis.call('HVALS', KEYS[2]))
+scan(redis.call('LRANGE', KEYS[1], 0, -1), 1)
+scan(redis.call('HVALS', KEYS[2]), 2)
 local out = {}
-for i = 1, #ARGV do out[i] = found[i] and 1 or 0 end
+for i = 1, #ARGV do out[i] = found[i] or 0 end
 return out
 """
 
@@ -314,9 +315,30 @@ class Job:
                 f"{timeout_s:g} s. Once Redis is back, {later}"
             )
         raise JobTimeout(
-            f"job {self.id} did not finish within {timeout_s:g} s ({len(self._done)}/{self.strip_count} "
-            f"strips done); {later} (or raise --timeout)."
+            f"job {self.id} did not finish within {timeout_s:g} s ({self._whereabouts()}); {later} "
+            "(or raise --timeout)."
         )
+
+    def _whereabouts(self) -> str:
+        """Where the unfinished strips are, e.g. "3/7 strips done, 2 queued, 2 held by workers"."""
+        text = f"{len(self._done)}/{self.strip_count} strips done"
+        todo = [self.strip_task_id(i) for i in range(self.strip_count) if i not in self._done]
+        if not todo:
+            return text + ", stitch pending"
+        try:
+            found = self._find(todo)
+        except REDIS_ERRORS:
+            return text
+        where = Counter({0: "nowhere (lost)", 1: "queued", 2: "held by workers"}[f] for f in found)
+        return ", ".join([text, *(f"{n} {what}" for what, n in where.items())])
+
+    def _find(self, task_ids: list[str]) -> list[int]:
+        """Per task id: 0 nowhere, 1 queued, 2 held unacknowledged by a worker (`_FIND_TASKS_LUA`)."""
+        # The queue and kombu's unacked hash live in the broker's Redis, which need not be the
+        # result backend's (LUMINAGRID_RESULT_BACKEND).
+        if self._broker_client is None:
+            self._broker_client = broker.client(app.conf.broker_url)
+        return [int(f) for f in self._broker_client.eval(_FIND_TASKS_LUA, 2, QUEUE, "unacked", *task_ids)]
 
     def _warn_if_no_workers(self, notice: Notice, timeout_s: float) -> bool:
         """Say so if no worker answers a ping; True while none does."""
@@ -337,11 +359,7 @@ class Job:
         """Publish again any task of this job that is nowhere: not queued, unacked, nor finished."""
         todo = [i for i in range(self.strip_count) if i not in self._done]
         ids = [self.strip_task_id(i) for i in todo] if todo else [self.id]
-        # The queue and kombu's unacked hash live in the broker's Redis, which need not be the
-        # result backend's (LUMINAGRID_RESULT_BACKEND).
-        if self._broker_client is None:
-            self._broker_client = broker.client(app.conf.broker_url)
-        found = self._broker_client.eval(_FIND_TASKS_LUA, 2, QUEUE, "unacked", *ids)
+        found = self._find(ids)
         # Between our poll and the scan a task may have finished and been acked: look again.
         finished = {i for i, meta in zip(ids, _metas(ids)) if meta is not None and meta["status"] in ("SUCCESS", "FAILURE")}
         for task_id, seen in zip(ids, found):

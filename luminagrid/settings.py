@@ -14,6 +14,9 @@ DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 QUEUE = "luminagrid"
 #: Prefix of every Redis key luminagrid itself writes (Celery's own keys are `celery-*`).
 KEY_PREFIX = "luminagrid:"
+#: Lifetime of the lock a worker holds while it sweeps unacknowledged messages back onto the queue;
+#: a worker killed while holding it delays recovery by at most this long (kombu's default: 300).
+UNACKED_MUTEX_EXPIRE_S = 5
 
 
 def _int(name: str, default: int, minimum: int) -> int:

@@ -21,10 +21,11 @@ from conftest import REPO, synthetic, wait_for
 from faults import POISON
 
 import luminagrid
-from luminagrid import jobs
+from luminagrid import broker, jobs
 from luminagrid.app import use_broker
 from luminagrid.errors import JobFailed
-from luminagrid.local import LocalCluster, wait_for_workers
+from luminagrid.local import LocalCluster, LocalWorker, wait_for_workers
+from luminagrid.settings import UNACKED_MUTEX_EXPIRE_S
 
 VISIBILITY_TIMEOUT_S = 10
 STRIP_DELAY_S = 0.15
@@ -32,9 +33,9 @@ SOAK_JOBS = int(os.environ.get("LUMINAGRID_SOAK_JOBS", "10"))
 REDIS_RESTARTS = int(os.environ.get("LUMINAGRID_REDIS_RESTARTS", "10"))
 
 
-def faulty_cluster(max_deliveries: int = 3, worker_args: list[str] | None = None) -> LocalCluster:
+def faulty_cluster(max_deliveries: int = 3, worker_args: list[str] | None = None, workers: int = 2) -> LocalCluster:
     return LocalCluster(
-        workers=2, concurrency=2, appendonly=True,
+        workers=workers, concurrency=2, appendonly=True,
         worker_env={
             "LUMINAGRID_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
             "LUMINAGRID_MAX_DELIVERIES": str(max_deliveries),
@@ -81,6 +82,14 @@ def pool_children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def print_worker_logs(c: LocalCluster, lines: int = 40) -> None:
+    """The last lines of every worker's log: what a failed crash test needs to be diagnosed."""
+    for node in c.nodes:
+        if node.log_path is not None and node.log_path.exists():
+            tail = node.log_path.read_text(errors="replace").splitlines()[-lines:]
+            print(f"--- {node.name} (exit {node.proc.poll() if node.proc else None}) ---", *tail, sep="\n")
+
+
 def test_a_pool_process_killed_mid_strip_is_rerun_and_the_output_stays_exact(faulty: LocalCluster) -> None:
     image = synthetic(31, 400, 333)
     job = luminagrid.submit(image, strips=8, codec="lossless", low=30, high=90)
@@ -110,6 +119,34 @@ def test_a_whole_worker_killed_mid_job_is_survived_within_the_visibility_timeout
     finally:
         victim.stop()
         faulty.nodes.remove(victim)
+
+
+def test_a_worker_killed_while_holding_the_restore_lock_delays_recovery_by_seconds_not_minutes() -> None:
+    """kombu's sweep of unacknowledged messages runs under a Redis lock that outlives a killed holder
+    (300 s by default), during which no live worker restores anything."""
+    host = os.uname().nodename
+    with faulty_cluster(workers=0) as c:
+        use_broker(c.url)
+        assert c.folder is not None
+        victim = LocalWorker(
+            f"victim@{host}", c.url, 1, log_path=c.folder / "victim.log",
+            extra_env={**c.worker_env, "LUMINAGRID_TEST_HOLD_UNACKED_MUTEX": "1"}, extra_args=c.worker_args,
+        ).start()
+        c.nodes.append(victim)
+        wait_for_workers([victim.name], [victim.proc])
+        image = synthetic(37, 200, 150)
+        job = luminagrid.submit(image, strips=3, codec="lossless", low=30, high=90)
+        redis_client = broker.client(c.url)
+        wait_for(lambda: redis_client.exists("unacked_mutex") and redis_client.hlen("unacked"), 30,
+                 "the victim to take the sweep lock while it holds a strip")
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        c.add_worker(f"healthy@{host}")
+        result = job.wait(VISIBILITY_TIMEOUT_S + 30)
+        recovery_s = time.monotonic() - killed_at
+        print(f"\njob done {recovery_s:.2f} s after its worker was SIGKILLed holding the sweep lock")
+        assert np.array_equal(result.edges, exact(image))
+        assert recovery_s <= VISIBILITY_TIMEOUT_S + UNACKED_MUTEX_EXPIRE_S + 5
 
 
 def test_a_strip_that_always_kills_its_worker_fails_the_job_after_bounded_deliveries(faulty: LocalCluster) -> None:
@@ -192,6 +229,9 @@ def test_soak_jobs_complete_exactly_under_random_sigkills() -> None:
                     for job, img in pending:
                         assert np.array_equal(job.wait(VISIBILITY_TIMEOUT_S * 6).edges, exact(img)), job.id
                     pending = []
+        except BaseException:
+            print_worker_logs(c)
+            raise
         finally:
             stop.set()
             thread.join()

@@ -52,7 +52,7 @@ def test_with_no_workers_submit_says_so_then_the_job_can_be_collected_later(idle
     elapsed = time.monotonic() - started
     assert proc.returncode == 1
     assert f"no workers are consuming queue '{QUEUE}' at {idle.url} (workers online: 0)" in proc.stderr
-    assert "did not finish within 5 s (0/3 strips done)" in proc.stderr
+    assert "did not finish within 5 s (0/3 strips done, 3 queued)" in proc.stderr
     job_id = proc.stderr.split("python cli.py result ")[1].split()[0]
     assert elapsed < 5 + 8  # interpreter start + the timeout + cleanup
     assert not photo.with_name("photo.edges.png").exists()
