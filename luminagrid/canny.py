@@ -10,7 +10,9 @@ pixels links it to a strong one, however far away. So:
    candidate components holding a strong pixel are edges. Components without one that touch a
    seam row are *pending*: a neighbouring strip may link them to an edge.
 2. On the stitcher: a pending component that touches an edge pixel across a seam (directly, or
-   through other pending pixels) becomes an edge. Everything else pending is dropped.
+   through other pending components) becomes an edge. Everything else pending is dropped. The
+   stitcher works on the packed edge map and visits only pending pixels (a union-find over the
+   strips' pending components), so its cost follows the seams, not the image size.
 
 The result is pixel-identical to `cv2.Canny(gray, low, high)` (L1 gradient, aperture 3), with
 thresholds rounded down to whole numbers as OpenCV itself applies them (`whole_thresholds`).
@@ -30,11 +32,23 @@ HALO_NEEDED_ROWS = 2
 MAX_THRESHOLD = 2040.0
 
 
+class Pending(NamedTuple):
+    """A strip's pending pixels: (n,) int32 flat indices into its own rows, ascending, and (n,)
+    int32 labels saying which of the strip's components each belongs to."""
+
+    at: np.ndarray
+    label: np.ndarray
+
+    @staticmethod
+    def none() -> Pending:
+        return Pending(np.zeros(0, np.int32), np.zeros(0, np.int32))
+
+
 class StripEdges(NamedTuple):
-    """A strip's hysteresis, resolved as far as the strip alone allows. Both (rows, width) bool."""
+    """A strip's hysteresis, resolved as far as the strip alone allows. `edges` is (rows, width) bool."""
 
     edges: np.ndarray
-    pending: np.ndarray
+    pending: Pending
 
 
 def whole_thresholds(low: float, high: float) -> tuple[float, float]:
@@ -72,8 +86,11 @@ def canny_strip(
         at_seam[labels[-1]] = True
     at_seam[0] = False
     is_pending = at_seam & ~is_edge
-    pending = is_pending[labels] if is_pending.any() else np.zeros_like(edges)
-    return StripEdges(edges, pending)
+    if not is_pending.any():
+        return StripEdges(edges, Pending.none())
+    flat = labels.ravel()
+    at = np.flatnonzero(is_pending[flat]).astype(np.int32)
+    return StripEdges(edges, Pending(at, flat[at]))
 
 
 def _touching(row: np.ndarray) -> np.ndarray:
@@ -84,28 +101,71 @@ def _touching(row: np.ndarray) -> np.ndarray:
     return near
 
 
-def finish_seams(edges: np.ndarray, pending: np.ndarray, seams: list[int]) -> np.ndarray:
-    """Resolve hysteresis across seams in place and return `edges` (both (H, W) bool).
+def _row_of(packed: np.ndarray, y: int, width: int) -> np.ndarray:
+    return np.unpackbits(packed[y], count=width).view(bool)
 
-    `seams` are the first rows of every strip but the first.
+
+def _components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of `count` nodes joined by edges a[i]-b[i]: each node's smallest member."""
+    root = np.arange(count)
+    while True:
+        ra, rb = root[a], root[b]
+        if np.array_equal(ra, rb):
+            return root
+        np.minimum.at(root, np.maximum(ra, rb), np.minimum(ra, rb))  # hook the larger root
+        while True:  # then jump pointers until every node names its root
+            jumped = root[root]
+            if np.array_equal(jumped, root):
+                break
+            root = jumped
+
+
+def finish_seams(packed: np.ndarray, width: int, parts: list[tuple[int, Pending]]) -> np.ndarray:
+    """Resolve hysteresis across seams in place and return `packed`.
+
+    `packed` is the whole edge map as `np.packbits(edges, axis=1)`, (H, ceil(W/8)) uint8; `parts`
+    holds each strip's first row and pending pixels, top to bottom. A pending component becomes an
+    edge when it touches an edge across a seam, directly or through other pending components.
+    Only pending pixels are visited (tens of thousands at 8K), never the whole map.
     """
-    if not seams or not pending.any():
-        return edges
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(
-        pending.view(np.uint8), connectivity=8, ltype=cv2.CV_32S
-    )
-    linked = np.zeros(count, bool)
-    for y in seams:
-        linked[labels[y - 1][_touching(edges[y])]] = True
-        linked[labels[y][_touching(edges[y - 1])]] = True
-    linked[0] = False
-    # Pending pixels of one global component are linked or not as a whole: paint each linked
-    # component inside its bounding box only, instead of a full-image lookup.
-    for label in np.flatnonzero(linked):
-        x, y, w, h = stats[label, :4]
-        box = (slice(y, y + h), slice(x, x + w))
-        edges[box] |= labels[box] == label
-    return edges
+    if len(parts) < 2 or not any(p.at.size for _, p in parts):
+        return packed
+    nodes, total = [], 0  # each strip's pending components get global node ids
+    for _, p in parts:
+        uniq, inverse = np.unique(p.label, return_inverse=True)
+        nodes.append(total + inverse.reshape(-1))
+        total += uniq.size
+    linked = np.zeros(total, bool)
+    pairs_a, pairs_b = [], []
+    for k in range(1, len(parts)):
+        y, (above_row0, above), below = parts[k][0], parts[k - 1], parts[k][1]
+        # Pending pixels on the last row above the seam and on the first row below it.
+        first = (y - 1 - above_row0) * width
+        cut = np.searchsorted(above.at, first)
+        xa, na = above.at[cut:] - first, nodes[k - 1][cut:]
+        cut = np.searchsorted(below.at, width)
+        xb, nb = below.at[:cut], nodes[k][:cut]
+        if xa.size:
+            linked[na[_touching(_row_of(packed, y, width))[xa]]] = True
+        if xb.size:
+            linked[nb[_touching(_row_of(packed, y - 1, width))[xb]]] = True
+        if xa.size and xb.size:  # pending touching pending across the seam: one component
+            node_at = np.full(width + 2, -1)
+            node_at[xb + 1] = nb
+            for dx in (0, 1, 2):
+                other = node_at[xa + dx]
+                pairs_a.append(na[other >= 0])
+                pairs_b.append(other[other >= 0])
+    if pairs_a:
+        root = _components(total, np.concatenate(pairs_a), np.concatenate(pairs_b))
+        linked_root = np.zeros(total, bool)
+        linked_root[root[linked]] = True
+        linked = linked_root[root]
+    for (row0, p), node in zip(parts, nodes):
+        px = p.at[linked[node]]
+        rows, cols = row0 + px // width, px % width
+        np.bitwise_or.at(packed, (rows, cols >> 3), np.right_shift(0x80, cols & 7).astype(np.uint8))
+    return packed
 
 
 def canny_reference(gray: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -6,7 +6,8 @@ Strip codecs (8-bit grayscale, shape (rows, width)):
   whole-image JPEG.
 - ``lossless``: the raw bytes compressed with LZ4 (PNG costs 13-16 ms/MP to encode; LZ4 ~1.4).
 
-Bit maps (bool, shape (rows, width)) travel as `np.packbits` along rows, then LZ4.
+Bit maps (bool, shape (rows, width)) travel as `np.packbits` along rows, then LZ4. Pending pixels
+(`canny.Pending`) travel as LZ4 of their int32 indices followed by their int32 labels.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from enum import Enum
 import cv2
 import lz4.frame
 import numpy as np
+
+from luminagrid.canny import Pending
 
 
 class Codec(str, Enum):
@@ -58,10 +61,39 @@ def pack_bits(mask: np.ndarray) -> bytes:
     return lz4.frame.compress(np.packbits(mask, axis=1).data)
 
 
+def unpack_rows(data: bytes, rows: int, width: int) -> np.ndarray:
+    """Inverse of `pack_bits` up to the bits: (rows, ceil(width/8)) uint8, as `np.packbits(axis=1)`."""
+    return _lz4_rows(data, rows, (width + 7) // 8, "bit map")
+
+
 def unpack_bits(data: bytes, rows: int, width: int) -> np.ndarray:
     """Inverse of `pack_bits`: a (rows, width) bool array."""
-    packed = _lz4_rows(data, rows, (width + 7) // 8, "bit map")
-    return np.unpackbits(packed, axis=1, count=width).view(bool)
+    return np.unpackbits(unpack_rows(data, rows, width), axis=1, count=width).view(bool)
+
+
+def pack_pending(pending: Pending) -> bytes | None:
+    """A strip's pending pixels, or None when it has none (most strips)."""
+    if not pending.at.size:
+        return None
+    return lz4.frame.compress(np.concatenate([pending.at, pending.label]).astype("<i4").tobytes())
+
+
+def unpack_pending(data: bytes | None, rows: int, width: int) -> Pending:
+    """Inverse of `pack_pending`, checking that every index lies inside the strip, in order."""
+    if data is None:
+        return Pending.none()
+    try:
+        raw = lz4.frame.LZ4FrameDecompressor().decompress(data, max_length=8 * rows * width + 1)
+    except RuntimeError as exc:
+        raise CodecError(f"pending pixels are not valid LZ4: {exc}") from None
+    count = len(raw) // 8
+    if len(raw) % 8 or count > rows * width:
+        raise CodecError(f"pending pixels hold {len(raw)} bytes, not 8 per pixel of a {rows}x{width} strip")
+    both = np.frombuffer(raw, "<i4").astype(np.int32)
+    at, label = both[:count], both[count:]
+    if count and (at[0] < 0 or at[-1] >= rows * width or np.any(np.diff(at) <= 0)):
+        raise CodecError(f"pending pixel indices are not ascending within a {rows}x{width} strip")
+    return Pending(at, label)
 
 
 def _lz4_rows(data: bytes, rows: int, row_bytes: int, what: str) -> np.ndarray:

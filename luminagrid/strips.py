@@ -84,8 +84,3 @@ def plan_strips(height: int, count: int, halo_rows: int) -> list[Strip]:
         )
         for i, (r0, r1) in enumerate(zip(edges, edges[1:]))
     ]
-
-
-def seam_rows(strips: list[Strip]) -> list[int]:
-    """The first row of every strip but the first: where two strips meet."""
-    return [s.row0 for s in strips[1:]]

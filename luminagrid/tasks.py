@@ -11,6 +11,7 @@ import os
 from collections import Counter
 from typing import Any
 
+import lz4.frame
 import numpy as np
 import redis
 from celery import Task
@@ -64,8 +65,7 @@ def canny_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any
         "row0": s.row0,
         "row1": s.row1,
         "edges": codec.pack_bits(result.edges),
-        # Most strips have nothing pending: send None rather than a packed empty map.
-        "pending": codec.pack_bits(result.pending) if result.pending.any() else None,
+        "pending": codec.pack_pending(result.pending),
         "worker": _worker_name(self),
     }
 
@@ -78,18 +78,19 @@ def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
     parts = sorted(parts, key=lambda p: p["index"])
     if [p["index"] for p in parts] != list(range(spec.strips)):
         raise MessageError(f"job {spec.id}: got strips {[p['index'] for p in parts]}, expected {spec.strips}")
-    edges = np.zeros((height, width), bool)
-    pending = np.zeros((height, width), bool)
-    for p in parts:
-        rows = p["row1"] - p["row0"]
-        edges[p["row0"]:p["row1"]] = codec.unpack_bits(p["edges"], rows, width)
-        if p["pending"] is not None:
-            pending[p["row0"]:p["row1"]] = codec.unpack_bits(p["pending"], rows, width)
-    canny.finish_seams(edges, pending, [p["row0"] for p in parts[1:]])
+    if [p["row0"] for p in parts] != [0, *(p["row1"] for p in parts[:-1])] or parts[-1]["row1"] != height:
+        raise MessageError(f"job {spec.id}: strips do not tile rows 0-{height}")
+    try:
+        # Strips' packed rows concatenate to the whole packed map (np.packbits pads each row).
+        packed = np.concatenate([codec.unpack_rows(p["edges"], p["row1"] - p["row0"], width) for p in parts])
+        pending = [codec.unpack_pending(p["pending"], p["row1"] - p["row0"], width) for p in parts]
+    except codec.CodecError as exc:
+        raise MessageError(f"job {spec.id}: a strip result is corrupt: {exc}") from None
+    canny.finish_seams(packed, width, [(p["row0"], q) for p, q in zip(parts, pending)])
     return {
         "width": width,
         "height": height,
-        "edges": codec.pack_bits(edges),
+        "edges": lz4.frame.compress(packed.data),
         "workers": dict(Counter(p["worker"] for p in parts)),
         "stitched_by": _worker_name(self),
     }

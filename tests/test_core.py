@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import cv2
+import lz4.frame
 import numpy as np
 import pytest
 from conftest import synthetic
@@ -10,21 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from luminagrid import codec
-from luminagrid.canny import canny_reference, canny_strip, finish_seams
+from luminagrid.canny import Pending, canny_reference, canny_strip, finish_seams
 from luminagrid.codec import Codec, CodecError
-from luminagrid.strips import plan_strips, seam_rows
+from luminagrid.strips import plan_strips
 
 
 def strip_parallel(gray: np.ndarray, count: int, low: float, high: float, seams: bool = True) -> np.ndarray:
     height, width = gray.shape
     plan = plan_strips(height, count, 8)
-    edges = np.zeros((height, width), bool)
-    pending = np.zeros((height, width), bool)
-    for s in plan:
-        part = canny_strip(gray[s.top:s.bottom], s.halo_top, s.halo_bottom, low, high,
-                           s.index > 0, s.index < len(plan) - 1)
-        edges[s.row0:s.row1], pending[s.row0:s.row1] = part
-    return finish_seams(edges, pending, seam_rows(plan)) if seams else edges
+    parts = [canny_strip(gray[s.top:s.bottom], s.halo_top, s.halo_bottom, low, high,
+                         s.index > 0, s.index < len(plan) - 1) for s in plan]
+    packed = np.packbits(np.vstack([p.edges for p in parts]), axis=1)
+    if seams:
+        finish_seams(packed, width, [(s.row0, p.pending) for s, p in zip(plan, parts)])
+    return np.unpackbits(packed, axis=1, count=width).view(bool)
 
 
 @settings(max_examples=300, deadline=None)
@@ -81,6 +81,19 @@ def test_bytes_that_do_not_match_their_declared_shape_are_refused(kind: Codec) -
         codec.decode_strip(data, kind, 16, 17)
     with pytest.raises(CodecError):
         codec.decode_strip(b"\x00garbage", kind, 16, 16)
+
+
+def test_pending_pixels_round_trip_and_forged_ones_are_refused() -> None:
+    at, label = np.array([0, 5, 17, 39], np.int32), np.array([3, 3, 9, 1], np.int32)
+    back = codec.unpack_pending(codec.pack_pending(Pending(at, label)), 4, 10)
+    assert np.array_equal(back.at, at) and np.array_equal(back.label, label)
+    assert codec.pack_pending(Pending.none()) is None and codec.unpack_pending(None, 4, 10).at.size == 0
+    with pytest.raises(CodecError, match="not ascending within a 4x10 strip"):
+        codec.unpack_pending(codec.pack_pending(Pending(np.array([0, 40], np.int32), label[:2])), 4, 10)
+    with pytest.raises(CodecError, match="not ascending"):
+        codec.unpack_pending(codec.pack_pending(Pending(np.array([5, 5], np.int32), label[:2])), 4, 10)
+    with pytest.raises(CodecError, match="8 per pixel"):
+        codec.unpack_pending(lz4.frame.compress(b"\0" * 12), 4, 10)
 
 
 def test_16_bit_and_colour_images_become_8_bit_gray_as_documented() -> None:

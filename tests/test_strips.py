@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from luminagrid.strips import ALIGN_ROWS, MAX_STRIPS, default_strip_count, halo_for, plan_strips, seam_rows
+from luminagrid.strips import ALIGN_ROWS, MAX_STRIPS, default_strip_count, halo_for, plan_strips
 
 
 @given(height=st.integers(1, 5000), count=st.integers(1, 300))
@@ -32,11 +32,6 @@ def test_more_strips_than_rows_gives_one_strip_per_block() -> None:
 def test_strips_are_balanced_within_one_block() -> None:
     heights = [s.row1 - s.row0 for s in plan_strips(4320, 7, 8)]
     assert max(heights) - min(heights) <= ALIGN_ROWS
-
-
-def test_seams_are_the_first_rows_of_later_strips() -> None:
-    plan = plan_strips(100, 3, 8)
-    assert seam_rows(plan) == [s.row0 for s in plan[1:]]
 
 
 def test_halo_rounds_up_to_the_block() -> None:
