@@ -25,6 +25,7 @@ from luminagrid.app import use_broker
 from luminagrid.codec import Codec
 from luminagrid.errors import EmbeddedError, LuminagridError, OutputError
 from luminagrid.settings import Settings
+from luminagrid.stages import Stages
 
 HELP = "Exact, distributed edge detection on Celery and Redis."
 HELP_SUBMIT = (
@@ -44,6 +45,7 @@ HELP_STRIPS = "Number of horizontal strips. Default: about one per megapixel, at
 HELP_CODEC = "How strips travel: jpeg (smaller; exact w.r.t. the JPEG-decoded image) or lossless."
 HELP_EMBEDDED = "Run on a private Redis and local workers even if a Redis is configured."
 HELP_WORKERS = "Worker processes to start in embedded mode."
+HELP_VERBOSE = "Also print where the time went: read, encode, publish, compute, stitch, write."
 HELP_TIMEOUT = "Seconds to wait for the result; the job keeps running after that."
 
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -118,9 +120,27 @@ def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str) -> j
             on_notice=lambda text: err.print(f"note: {text}", markup=False),
             forget=False,
         )
-    images.write_image_atomic(out, result.edges)
+    with result.stages.timed("write"):
+        images.write_image_atomic(out, result.edges)
     job.forget()
     return result
+
+
+def _stage_table(result: jobs.JobResult, wall_s: float) -> Table:
+    """Where the time went (`--verbose`): wall-clock stages, then what the workers reported."""
+    table = Table(title=f"job {result.job_id[:8]}: time per stage", title_justify="left")
+    table.add_column("stage")
+    table.add_column("ms", justify="right")
+    table.add_column("share", justify="right")
+    for name, seconds in result.stages.ordered():
+        table.add_row(name, f"{seconds * 1e3:.1f}", f"{seconds / wall_s:.0%}" if wall_s else "")
+    other_s = wall_s - sum(seconds for _, seconds in result.stages.ordered())
+    table.add_row("other (start-up, imports, embedded cluster)", f"{other_s * 1e3:.1f}", f"{other_s / wall_s:.0%}")
+    table.add_row("total (command)", f"{wall_s * 1e3:.1f}", "", style="bold")
+    for name, seconds in result.stages.worker_seconds.items():
+        table.add_row(f"workers: {name} (sum over strips)", f"{seconds * 1e3:.1f}", "", style="dim")
+    table.add_row("workers: slowest strip", f"{result.stages.slowest_strip_s * 1e3:.1f}", "", style="dim")
+    return table
 
 
 def _summary(source: str, job: jobs.Job, out: Path, result: jobs.JobResult, wall_s: float) -> str:
@@ -147,6 +167,7 @@ def submit(
     timeout: Annotated[float, typer.Option(help=HELP_TIMEOUT)] = 600.0,
     embedded: Annotated[bool, typer.Option("--embedded", help=HELP_EMBEDDED)] = False,
     workers: Annotated[int, typer.Option(help=HELP_WORKERS)] = os.cpu_count() or 1,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=HELP_VERBOSE)] = False,
 ) -> None:
     started = time.perf_counter()
     params = jobs.Params(low=low, high=high, strips=strips, codec=codec, quality=quality)
@@ -154,12 +175,16 @@ def submit(
     out = out or images.default_output(image)
     images.check_output(out, image)
     settings = Settings.from_env()
-    gray = jobs.load_gray(image, settings)
+    stages = Stages()
+    gray = jobs.load_gray(image, settings, stages)
     with _broker(settings, embedded, max(1, workers)) as note:
-        job = jobs.submit_gray(gray, params, output=str(out.resolve()), settings=settings)
+        job = jobs.submit_gray(gray, params, output=str(out.resolve()), settings=settings, stages=stages)
         del gray  # the strips are encoded; do not hold the full image while waiting
         result = _wait_and_write(job, out, timeout, image.name)
-    typer.echo(_summary(str(image), job, out, result, time.perf_counter() - started))
+        wall_s = time.perf_counter() - started
+    typer.echo(_summary(str(image), job, out, result, wall_s))
+    if verbose:
+        Console().print(_stage_table(result, wall_s))
     if note:
         typer.echo(note)
 

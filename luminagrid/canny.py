@@ -71,13 +71,16 @@ def canny_strip(
     """
     low, high = whole_thresholds(low, high)
     end = gray.shape[0] - halo_bottom
-    candidates = cv2.Canny(gray, low, low)[halo_top:end]
-    strong = cv2.Canny(gray, high, high)[halo_top:end]
+    # One Sobel pass for both threshold runs, with the border OpenCV's Canny itself uses.
+    dx = cv2.Sobel(gray, cv2.CV_16S, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
+    dy = cv2.Sobel(gray, cv2.CV_16S, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
+    candidates = cv2.Canny(dx, dy, low, low)[halo_top:end]
+    strong = cv2.Canny(dx, dy, high, high)[halo_top:end]
     count, labels = cv2.connectedComponents(candidates, connectivity=8, ltype=cv2.CV_32S)
     is_edge = np.zeros(count, bool)
     is_edge[labels[strong > 0]] = True
     is_edge[0] = False  # label 0 is the background
-    edges = is_edge[labels]
+    edges = np.take(is_edge, labels)  # twice as fast as is_edge[labels]
 
     at_seam = np.zeros(count, bool)
     if seam_above:

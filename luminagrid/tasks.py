@@ -8,6 +8,7 @@ chord join counts each strip once.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from typing import Any
 
@@ -52,27 +53,33 @@ def canny_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any
     spec = messages.parse_job(job, SETTINGS.max_pixels)
     s = messages.parse_strip(strip, spec, HALO_ROWS)
     data = messages.check_payload(payload, s, spec)
+    t0 = time.perf_counter()
     try:
         gray = codec.decode_strip(data, spec.codec, s.bottom - s.top, spec.width)
     except codec.CodecError as exc:
         raise MessageError(f"job {spec.id} strip {s.index}: {exc}") from None
+    t1 = time.perf_counter()
     result = canny.canny_strip(
         gray, s.halo_top, s.halo_bottom, spec.low, spec.high,
         seam_above=s.row0 > 0, seam_below=s.row1 < spec.height,
     )
+    t2 = time.perf_counter()
+    edges, pending = codec.pack_bits(result.edges), codec.pack_pending(result.pending)
     return {
         "index": s.index,
         "row0": s.row0,
         "row1": s.row1,
-        "edges": codec.pack_bits(result.edges),
-        "pending": codec.pack_pending(result.pending),
+        "edges": edges,
+        "pending": pending,
         "worker": _worker_name(self),
+        "seconds": {"decode": t1 - t0, "canny": t2 - t1, "pack": time.perf_counter() - t2},
     }
 
 
 @app.task(name="luminagrid.stitch", bind=True, **_RETRY)
 def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
     """Chord callback: stack the strips, finish hysteresis across seams, return the packed map."""
+    started = time.perf_counter()
     spec = messages.parse_job(job, SETTINGS.max_pixels)
     height, width = spec.height, spec.width
     parts = sorted(parts, key=lambda p: p["index"])
@@ -87,10 +94,17 @@ def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
     except codec.CodecError as exc:
         raise MessageError(f"job {spec.id}: a strip result is corrupt: {exc}") from None
     canny.finish_seams(packed, width, [(p["row0"], q) for p, q in zip(parts, pending)])
+    edges = lz4.frame.compress(packed.data)
+    strip_seconds = [p.get("seconds") or {} for p in parts]
     return {
         "width": width,
         "height": height,
-        "edges": lz4.frame.compress(packed.data),
+        "edges": edges,
         "workers": dict(Counter(p["worker"] for p in parts)),
         "stitched_by": _worker_name(self),
+        "seconds": {
+            "stitch": time.perf_counter() - started,
+            "strips": {k: sum(float(t.get(k, 0.0)) for t in strip_seconds) for k in ("decode", "canny", "pack")},
+            "slowest_strip": max((sum(map(float, t.values())) for t in strip_seconds), default=0.0),
+        },
     }

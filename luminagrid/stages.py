@@ -1,0 +1,41 @@
+"""Per-stage timing of a job: where its wall-clock time went.
+
+Stages, in pipeline order (seconds): `read` (decode the input file), `gray`, `encode` (strip
+payloads), `publish` (the chord onto Redis), `compute` (from published to every strip done, as
+the submitter sees it), `stitch` (the stitch task's own work), `collect` (fetch and unpack the
+result), `write` (the output file, CLI only). Workers also report CPU seconds summed over strips.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+ORDER = ("read", "gray", "encode", "publish", "compute", "stitch", "collect", "write")
+
+
+@dataclass
+class Stages:
+    """Seconds per stage (wall clock, this process), plus what the workers reported."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    #: CPU-side seconds summed over all strips: decode, canny, pack (from the strip results)
+    worker_seconds: dict[str, float] = field(default_factory=dict)
+    #: the slowest strip's own compute time, seconds
+    slowest_strip_s: float = 0.0
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def ordered(self) -> list[tuple[str, float]]:
+        return [(name, self.seconds[name]) for name in ORDER if name in self.seconds]
