@@ -56,6 +56,20 @@ def test_submit_honours_out_and_jpeg_quality(cluster_env: dict[str, str], photo:
     assert "(jpeg q80)" in proc.stdout
 
 
+def test_verbose_submit_shows_where_the_time_went(cluster_env: dict[str, str], photo: Path) -> None:
+    proc = run(["submit", str(photo), "--codec", "lossless", "--strips", "3", "--verbose"], cluster_env)
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout.split("time per stage", 1)[1]
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in table.splitlines() if line.count("│") == 4}
+    stages = ["read", "gray", "encode", "publish", "compute", "stitch", "collect", "write"]
+    assert [name for name in rows if name in stages] == stages  # every stage, in pipeline order
+    assert all(float(rows[name]) >= 0 for name in stages) and float(rows["total (command)"]) > 0
+    assert float(rows["workers: canny (sum over strips)"]) > 0
+    # The stages and the rest add up to the total.
+    parts = sum(float(rows[name]) for name in stages) + float(rows["other (start-up, imports, embedded cluster)"])
+    assert abs(parts - float(rows["total (command)"])) < 1.0
+
+
 def test_an_explicit_url_with_no_redis_is_an_error_naming_it(photo: Path) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     env = {**os.environ, "LUMINAGRID_BROKER_URL": url}
