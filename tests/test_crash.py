@@ -130,7 +130,9 @@ def test_a_worker_killed_while_holding_the_restore_lock_delays_recovery_by_secon
         assert c.folder is not None
         victim = LocalWorker(
             f"victim@{host}", c.url, 1, log_path=c.folder / "victim.log",
-            extra_env={**c.worker_env, "LUMINAGRID_TEST_HOLD_UNACKED_MUTEX": "1"}, extra_args=c.worker_args,
+            # Slow strips: the victim still holds one when its next sweep (every second) runs.
+            extra_env={**c.worker_env, "LUMINAGRID_TEST_HOLD_UNACKED_MUTEX": "1", "LUMINAGRID_TEST_STRIP_DELAY_S": "30"},
+            extra_args=c.worker_args,
         ).start()
         c.nodes.append(victim)
         wait_for_workers([victim.name], [victim.proc])
