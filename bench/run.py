@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,7 @@ import prototype  # noqa: E402
 
 import luminagrid  # noqa: E402
 from luminagrid import jobs  # noqa: E402
-from luminagrid.local import LocalCluster, free_port, spawn  # noqa: E402
+from luminagrid.local import LocalCluster, free_port, spawn, wait_until_ready  # noqa: E402
 from luminagrid.stages import ORDER, Stages  # noqa: E402
 
 TARGETS = {
@@ -95,6 +96,14 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int) -> di
         for name in names[r % len(names):] + names[: r % len(names)]:
             samples[name].append(timed(candidates[name]))
     return samples
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port)).close()
+    except OSError:
+        return False
+    return True
 
 
 def rss_bytes(pid: int) -> int:
@@ -302,16 +311,8 @@ def main() -> None:
         ports = [free_port(), free_port()]
         protos = [spawn([sys.executable, str(REPO / "bench" / "prototype.py"), "worker", str(p)], None) for p in ports]
         try:
-            for p in ports:  # wait for the prototype workers to listen
-                deadline = time.monotonic() + 30
-                while True:
-                    try:
-                        prototype.socket.create_connection(("127.0.0.1", p)).close()
-                        break
-                    except OSError:
-                        if time.monotonic() > deadline:
-                            raise
-                        time.sleep(0.05)
+            for proc, port in zip(protos, ports):
+                wait_until_ready(proc, lambda port=port: listening(port), f"prototype worker on port {port}", None)
             report["sizes"] = [measure_size(cluster, work, w, h, codecs, repeats, ports) for w, h in sizes]
         finally:
             for proc in protos:

@@ -141,7 +141,7 @@ def finish_seams(packed: np.ndarray, width: int, parts: list[tuple[int, Pending]
     linked = np.zeros(total, bool)
     pairs_a, pairs_b = [], []
     for k in range(1, len(parts)):
-        y, (above_row0, above), below = parts[k][0], parts[k - 1], parts[k][1]
+        (above_row0, above), (y, below) = parts[k - 1], parts[k]
         # Pending pixels on the last row above the seam and on the first row below it.
         first = (y - 1 - above_row0) * width
         cut = np.searchsorted(above.at, first)

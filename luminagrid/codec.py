@@ -58,11 +58,16 @@ def jpeg_roundtrip(gray: np.ndarray, quality: int) -> np.ndarray:
 
 def pack_bits(mask: np.ndarray) -> bytes:
     """Compress a (rows, width) bool/0-1 map: ~16 KB per megapixel of a typical edge map."""
-    return lz4.frame.compress(np.packbits(mask, axis=1).data)
+    return pack_rows(np.packbits(mask, axis=1))
+
+
+def pack_rows(packed: np.ndarray) -> bytes:
+    """Compress an already packed map, (rows, ceil(width/8)) uint8 as `np.packbits(axis=1)` gives."""
+    return lz4.frame.compress(np.ascontiguousarray(packed).data)
 
 
 def unpack_rows(data: bytes, rows: int, width: int) -> np.ndarray:
-    """Inverse of `pack_bits` up to the bits: (rows, ceil(width/8)) uint8, as `np.packbits(axis=1)`."""
+    """Inverse of `pack_rows`: (rows, ceil(width/8)) uint8."""
     return _lz4_rows(data, rows, (width + 7) // 8, "bit map")
 
 
@@ -75,19 +80,16 @@ def pack_pending(pending: Pending) -> bytes | None:
     """A strip's pending pixels, or None when it has none (most strips)."""
     if not pending.at.size:
         return None
-    return lz4.frame.compress(np.concatenate([pending.at, pending.label]).astype("<i4").tobytes())
+    return lz4.frame.compress(np.concatenate([pending.at, pending.label]).astype("<i4", copy=False).data)
 
 
 def unpack_pending(data: bytes | None, rows: int, width: int) -> Pending:
     """Inverse of `pack_pending`, checking that every index lies inside the strip, in order."""
     if data is None:
         return Pending.none()
-    try:
-        raw = lz4.frame.LZ4FrameDecompressor().decompress(data, max_length=8 * rows * width + 1)
-    except RuntimeError as exc:
-        raise CodecError(f"pending pixels are not valid LZ4: {exc}") from None
+    raw, complete = _lz4_bounded(data, 8 * rows * width, "pending pixels")
     count = len(raw) // 8
-    if len(raw) % 8 or count > rows * width:
+    if not complete or len(raw) % 8 or count > rows * width:
         raise CodecError(f"pending pixels hold {len(raw)} bytes, not 8 per pixel of a {rows}x{width} strip")
     both = np.frombuffer(raw, "<i4").astype(np.int32)
     at, label = both[:count], both[count:]
@@ -96,18 +98,24 @@ def unpack_pending(data: bytes | None, rows: int, width: int) -> Pending:
     return Pending(at, label)
 
 
-def _lz4_rows(data: bytes, rows: int, row_bytes: int, what: str) -> np.ndarray:
-    """LZ4-decompress to a (rows, row_bytes) uint8 array, or raise `CodecError`.
+def _lz4_bounded(data: bytes, limit: int, what: str) -> tuple[bytes, bool]:
+    """LZ4-decompress at most `limit` + 1 bytes, so a forged frame cannot balloon in memory.
 
-    Decompresses at most one byte more than expected: a forged frame cannot balloon in memory.
+    Returns the bytes and whether they are the whole frame; raises `CodecError` on invalid LZ4.
     """
-    expected = rows * row_bytes
     decompressor = lz4.frame.LZ4FrameDecompressor()
     try:
-        raw = decompressor.decompress(data, max_length=expected + 1)
+        raw = decompressor.decompress(data, max_length=limit + 1)
     except RuntimeError as exc:
         raise CodecError(f"{what} is not valid LZ4: {exc}") from None
-    if len(raw) != expected or not decompressor.eof:
+    return raw, decompressor.eof
+
+
+def _lz4_rows(data: bytes, rows: int, row_bytes: int, what: str) -> np.ndarray:
+    """LZ4-decompress to a (rows, row_bytes) uint8 array, or raise `CodecError`."""
+    expected = rows * row_bytes
+    raw, complete = _lz4_bounded(data, expected, what)
+    if len(raw) != expected or not complete:
         size = f"{len(raw)}" if len(raw) <= expected else f"more than {expected}"
         raise CodecError(f"{what} holds {size} bytes, expected {rows}x{row_bytes}")
     return np.frombuffer(raw, np.uint8).reshape(rows, row_bytes)

@@ -217,24 +217,30 @@ class Job:
 
     # --- progress ---------------------------------------------------------------------------------
 
-    def _poll(self) -> tuple[dict[str, Any] | None, list[dict[str, Any] | None]]:
-        """The stitch task's meta and the metas of strips not yet seen finished."""
-        todo = [i for i in range(self.strip_count) if i not in self._done]
+    def _unfinished(self) -> list[int]:
+        """Indices of the strips not yet seen finished."""
+        return [i for i in range(self.strip_count) if i not in self._done]
+
+    def _poll(self) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any] | None]]:
+        """The stitch task's meta, and strip index -> meta for the strips not seen finished before."""
+        todo = self._unfinished()
         metas = _metas([self.id, *(self.strip_task_id(i) for i in todo)])
-        for i, meta in zip(todo, metas[1:]):
+        strip_metas = dict(zip(todo, metas[1:]))
+        for i, meta in strip_metas.items():
             if meta is not None and meta["status"] == "SUCCESS":
                 self._done[i] = meta["result"]
-        return metas[0], metas[1:]
+        return metas[0], strip_metas
 
     def status(self) -> Status:
         body, strip_metas = self._poll()
-        started = len(self._done) + sum(1 for m in strip_metas if m is not None and m["status"] == "STARTED")
-        failed = [m for m in strip_metas if m is not None and m["status"] == "FAILURE"]
+        polled = [m for m in strip_metas.values() if m is not None]
+        started = len(self._done) + sum(1 for m in polled if m["status"] == "STARTED")
+        failed = [m for m in polled if m["status"] == "FAILURE"]
         error = None
         if body is not None and body["status"] == "SUCCESS":
             state = "done"
         elif failed or (body is not None and body["status"] == "FAILURE"):
-            state, error = "failed", self._failure_text(body)
+            state, error = "failed", self._failure_text(body, strip_metas)
         else:
             state = "running" if started else "queued"
         return Status(
@@ -243,11 +249,10 @@ class Job:
             age_s=time.time() - self.submitted_at, output=self.output, error=error,
         )
 
-    def _failure_text(self, body: dict[str, Any] | None) -> str:
-        """Why the job failed: the first failed strip's own error, else the stitch's."""
-        todo = [i for i in range(self.strip_count) if i not in self._done]
+    def _failure_text(self, body: dict[str, Any] | None, strip_metas: dict[int, dict[str, Any] | None]) -> str:
+        """Why the job failed: the first failed strip's own error (from `_poll`), else the stitch's."""
         plan = strips.plan_strips(self.height, self.strip_count, HALO_ROWS)
-        for i, meta in zip(todo, _metas([self.strip_task_id(i) for i in todo]) if todo else []):
+        for i, meta in sorted(strip_metas.items()):
             if meta is not None and meta["status"] == "FAILURE":
                 where = f"strip {i + 1}/{self.strip_count} (rows {plan[i].row0}-{plan[i].row1})"
                 text = _error_text(meta)
@@ -283,7 +288,7 @@ class Job:
         last_error: BaseException | None = None
         while True:
             try:
-                body, _ = self._poll()
+                body, strip_metas = self._poll()
                 if body is not None and body["status"] == "SUCCESS":
                     if on_progress is not None:
                         on_progress(self.strip_count, self.strip_count)
@@ -293,7 +298,7 @@ class Job:
                         self.forget()
                     return result
                 if body is not None and body["status"] == "FAILURE":
-                    raise JobFailed(f"job {self.id} failed: {self._failure_text(body)}")
+                    raise JobFailed(f"job {self.id} failed: {self._failure_text(body, strip_metas)}")
                 if on_progress is not None and len(self._done) != shown:
                     shown = len(self._done)
                     on_progress(shown, self.strip_count)
@@ -331,7 +336,7 @@ class Job:
     def _whereabouts(self) -> str:
         """Where the unfinished strips are, e.g. "3/7 strips done, 2 queued, 2 held by workers"."""
         text = f"{len(self._done)}/{self.strip_count} strips done"
-        todo = [self.strip_task_id(i) for i in range(self.strip_count) if i not in self._done]
+        todo = [self.strip_task_id(i) for i in self._unfinished()]
         if not todo:
             return text + ", stitch pending"
         try:
@@ -366,8 +371,7 @@ class Job:
 
     def _watch(self, notice: Notice) -> None:
         """Publish again any task of this job that is nowhere: not queued, unacked, nor finished."""
-        todo = [i for i in range(self.strip_count) if i not in self._done]
-        ids = [self.strip_task_id(i) for i in todo] if todo else [self.id]
+        ids = [self.strip_task_id(i) for i in self._unfinished()] or [self.id]
         found = self._find(ids)
         # Between our poll and the scan a task may have finished and been acked: look again.
         finished = {i for i, meta in zip(ids, _metas(ids)) if meta is not None and meta["status"] in ("SUCCESS", "FAILURE")}

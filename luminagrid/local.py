@@ -71,6 +71,15 @@ def spawn(args: list[str], log_path: Path | None, env: dict[str, str] | None = N
             out.close()
 
 
+def celery_env(broker_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a `celery -A luminagrid ...` child on `broker_url`.
+
+    The result backend follows the broker unless `extra` names another.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "LUMINAGRID_RESULT_BACKEND"}
+    return env | (extra or {}) | {"LUMINAGRID_BROKER_URL": broker_url}
+
+
 def wait_until_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str,
                      log_path: Path | None, poll_s: float = 0.05) -> None:
     """Poll `ready` until it holds; if `proc` exits or READY_TIMEOUT_S passes, stop it and raise."""
@@ -149,9 +158,7 @@ class LocalWorker:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LocalWorker:
-        # The backend follows the broker unless `extra_env` names another.
-        env = {k: v for k, v in os.environ.items() if k != "LUMINAGRID_RESULT_BACKEND"}
-        env |= {**self.extra_env, "LUMINAGRID_BROKER_URL": self.broker_url}
+        env = celery_env(self.broker_url, self.extra_env)
         args = [
             sys.executable, "-m", "celery", "-A", "luminagrid", "worker",
             "--hostname", self.name, "--concurrency", str(self.concurrency), "--pool", "prefork",
@@ -180,8 +187,7 @@ class LocalFlower:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> LocalFlower:
-        env = {**os.environ, "LUMINAGRID_BROKER_URL": self.broker_url}
-        env.pop("LUMINAGRID_RESULT_BACKEND", None)
+        env = celery_env(self.broker_url)
         args = [sys.executable, "-m", "celery", "-A", "luminagrid", "flower",
                 f"--port={self.port}", "--address=127.0.0.1"]
         if self.auth:

@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import lz4.frame
 import numpy as np
 import redis
 from celery import Task
@@ -94,7 +93,7 @@ def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
     except codec.CodecError as exc:
         raise MessageError(f"job {spec.id}: a strip result is corrupt: {exc}") from None
     canny.finish_seams(packed, width, [(p["row0"], q) for p, q in zip(parts, pending)])
-    edges = lz4.frame.compress(packed.data)
+    edges = codec.pack_rows(packed)
     strip_seconds = [p.get("seconds") or {} for p in parts]
     return {
         "width": width,
