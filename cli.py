@@ -1,4 +1,4 @@
-"""luminagrid command line: `python cli.py submit IMAGE`, `status JOB_ID`, `result JOB_ID`.
+"""luminagrid command line: `python cli.py submit IMAGE...`, `status JOB_ID`, `result JOB_ID`, `ops`.
 
 The only place where exceptions become exit codes: 0 success, 1 a luminagrid error (one line on
 stderr), 2 a usage error (typer), 130 interrupted (Ctrl-C or SIGTERM).
@@ -20,18 +20,24 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from luminagrid import broker, images, jobs, local, monitor
+from luminagrid import batch, broker, images, jobs, local, monitor, ops
 from luminagrid.app import use_broker
 from luminagrid.codec import Codec
-from luminagrid.errors import EmbeddedError, LuminagridError, OutputError
+from luminagrid.errors import EmbeddedError, InputError, LuminagridError, OutputError
 from luminagrid.settings import Settings
 from luminagrid.stages import Stages
 
-HELP = "Exact, distributed edge detection on Celery and Redis."
+HELP = "Exact, distributed image processing (Canny, blur, bilateral, denoise) on Celery and Redis."
 HELP_SUBMIT = (
-    "Detect edges (Canny on the gray image) in IMAGE across the workers; write IMAGE-stem.edges.png. "
+    "Run an operation (default: Canny edges) on IMAGES across the workers; write <stem>.<op>.png "
+    "beside each (Canny: <stem>.edges.png). IMAGES may be files, folders and glob patterns. "
     "With LUMINAGRID_BROKER_URL unset and no Redis on localhost, runs embedded."
 )
+HELP_OPS = "List the operations and their parameters (for submit --op NAME -p NAME=VALUE)."
+HELP_OP = f"Operation: {', '.join(ops.REGISTRY)}. See `python cli.py ops`."
+HELP_PARAM = "An operation parameter as NAME=VALUE, e.g. -p d=9 -p sigma_color=75; repeatable."
+HELP_OUT_DIR = "Folder for the outputs (created if missing). Default: beside each input."
+HELP_JOBS = f"Images in flight at once in a batch (1-{batch.MAX_IN_FLIGHT})."
 HELP_STATUS = "Show how far job JOB_ID has come."
 HELP_RESULT = "Wait for job JOB_ID (e.g. after submit timed out) and write its output."
 HELP_WORKERS_CMD = "List the online workers: pool size, strips running now, tasks processed."
@@ -40,7 +46,7 @@ HELP_CLUSTER = (
     "Prints the Flower URL and the line a second terminal needs to submit; Ctrl-C stops it all."
 )
 HELP_FLOWER_AUTH = "Protect Flower with basic auth, as user:password."
-HELP_OUT = "Output file (lossless format: .png, .tif, .bmp, ...). Default: <stem>.edges.png beside IMAGE."
+HELP_OUT = "Output file for a single IMAGE (lossless: .png, .tif, .bmp, ...). Default: <stem>.<op>.png beside it."
 HELP_STRIPS = "Number of horizontal strips. Default: about one per megapixel, at least 2."
 HELP_CODEC = "How strips travel: jpeg (smaller; exact w.r.t. the JPEG-decoded image) or lossless."
 HELP_EMBEDDED = "Run on a private Redis and local workers even if a Redis is configured."
@@ -121,7 +127,7 @@ def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str) -> j
             forget=False,
         )
     with result.stages.timed("write"):
-        images.write_image_atomic(out, result.edges)
+        images.write_image_atomic(out, result.image)
     job.forget()
     return result
 
@@ -149,44 +155,132 @@ def _summary(source: str, job: jobs.Job, out: Path, result: jobs.JobResult, wall
     codec_text = f"jpeg q{spec.quality}" if spec.codec is Codec.jpeg else "lossless"
     again = f" | {result.republished} lost task(s) published again" if result.republished else ""
     return (
-        f"{source} {job.width}x{job.height} -> {out} | {job.strip_count} strips ({codec_text}) | "
+        f"{source} {job.width}x{job.height} {spec.op} -> {out} | {job.strip_count} strips ({codec_text}) | "
         f"served by {served}{again} | {wall_s:.2f} s"
     )
+
+
+def _params(op: str, given: list[str], low: float | None, high: float | None, **rest: object) -> jobs.Params:
+    """Validated job parameters from the command line (`-p NAME=VALUE`, and Canny's --low/--high)."""
+    values: dict[str, str | float] = {}
+    for text in given:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"-p {text!r} is not NAME=VALUE; write e.g. -p d=9.")
+        values[name.strip()] = value
+    for name, value in (("low", low), ("high", high)):
+        if value is not None:
+            if op != "canny":
+                raise InputError(f"--{name} is a Canny threshold; for --op {op} use -p NAME=VALUE (see `cli.py ops`).")
+            values[name] = value
+    return jobs.Params(op=op, values=values, **rest).validate()  # type: ignore[arg-type]
+
+
+def _batch(items: list[batch.Item], params: jobs.Params, settings: Settings, timeout_s: float, in_flight: int) -> None:
+    """Many images: one overall progress bar; notes and errors printed as they come."""
+    progress = Progress(
+        TextColumn("images"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
+    )
+    with progress:
+        bar = progress.add_task("", total=len(items))
+
+        def changed(item: batch.Item) -> None:
+            finished = sum(1 for i in items if i.state in ("ok", "failed"))
+            running = sum(1 for i in items if i.state == "running")
+            progress.update(bar, completed=finished, description=f"{running} in flight")
+            if item.state == "failed" and item.error:
+                text = item.error if item.source in item.error else f"{item.source}: {item.error}"
+                err.print(f"error: {text}", markup=False)
+
+        batch.run(items, params, settings, in_flight, timeout_s, on_change=changed,
+                  on_notice=lambda item, text: err.print(f"note: {item.source}: {text}", markup=False))
+
+
+def _batch_table(items: list[batch.Item], wall_s: float) -> Table:
+    ok = sum(1 for i in items if i.state == "ok")
+    table = Table(title=f"{len(items)} images: {ok} ok, {len(items) - ok} failed, {wall_s:.1f} s", title_justify="left")
+    for name, justify in (("image", "left"), ("size", "right"), ("status", "left"), ("output / error", "left"), ("s", "right")):
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for i in items:
+        size = f"{i.width}x{i.height}" if i.width else ""
+        status = "[green]ok[/]" if i.state == "ok" else "[red]failed[/]"
+        table.add_row(i.source, size, status, str(i.out) if i.state == "ok" else (i.error or ""), f"{i.seconds:.2f}")
+    return table
 
 
 @app.command(help=HELP_SUBMIT)
 @exits
 def submit(
-    image: Annotated[Path, typer.Argument(help="Input image (PNG, JPEG, TIFF, BMP, WebP; 8/16-bit).")],
+    sources: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Images (PNG, JPEG, TIFF, BMP, WebP; 8/16-bit), folders or globs.")],
+    op: Annotated[str, typer.Option("--op", help=HELP_OP)] = ops.DEFAULT,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help=HELP_PARAM)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help=HELP_OUT)] = None,
-    low: Annotated[float, typer.Option(help="Canny low threshold (0-2040).")] = 100.0,
-    high: Annotated[float, typer.Option(help="Canny high threshold (0-2040, >= low).")] = 200.0,
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help=HELP_OUT_DIR)] = None,
+    low: Annotated[Optional[float], typer.Option(help="Canny low threshold (0-2040; default 100).")] = None,
+    high: Annotated[Optional[float], typer.Option(help="Canny high threshold (0-2040, >= low; default 200).")] = None,
     strips: Annotated[Optional[int], typer.Option(help=HELP_STRIPS)] = None,
     codec: Annotated[Codec, typer.Option(help=HELP_CODEC)] = Codec.jpeg,
     quality: Annotated[int, typer.Option(help="JPEG quality for --codec jpeg (1-100).")] = 95,
     timeout: Annotated[float, typer.Option(help=HELP_TIMEOUT)] = 600.0,
+    in_flight: Annotated[int, typer.Option("--jobs", help=HELP_JOBS)] = 4,
     embedded: Annotated[bool, typer.Option("--embedded", help=HELP_EMBEDDED)] = False,
     workers: Annotated[int, typer.Option(help=HELP_WORKERS)] = os.cpu_count() or 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help=HELP_VERBOSE)] = False,
 ) -> None:
     started = time.perf_counter()
-    params = jobs.Params(low=low, high=high, strips=strips, codec=codec, quality=quality)
-    params.validate()
-    out = out or images.default_output(image)
-    images.check_output(out, image)
+    params = _params(op, param or [], low, high, strips=strips, codec=codec, quality=quality)
+    if not 1 <= in_flight <= batch.MAX_IN_FLIGHT:
+        raise InputError(f"--jobs {in_flight} is out of range; use 1 to {batch.MAX_IN_FLIGHT}.")
+    single = batch.is_single(sources)
+    if out is not None and not single:
+        raise OutputError("-o names one output file; with several images (or a folder or glob) use --out-dir DIR.")
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"--out-dir {out_dir}: cannot create it ({exc.strerror}); choose another folder.") from None
     settings = Settings.from_env()
-    stages = Stages()
-    gray = jobs.load_gray(image, settings, stages)
-    with _broker(settings, embedded, max(1, workers)) as note:
-        job = jobs.submit_gray(gray, params, output=str(out.resolve()), settings=settings, stages=stages)
-        del gray  # the strips are encoded; do not hold the full image while waiting
-        result = _wait_and_write(job, out, timeout, image.name)
-        wall_s = time.perf_counter() - started
-    typer.echo(_summary(str(image), job, out, result, wall_s))
-    if verbose:
-        Console().print(_stage_table(result, wall_s))
+    if single:
+        image = Path(sources[0])
+        target = out or images.default_output(image, params.operation.suffix, out_dir)
+        images.check_output(target, image)
+        stages = Stages()
+        pixels = jobs.load(image, params.operation, settings, stages)
+        with _broker(settings, embedded, max(1, workers)) as note:
+            job = jobs.submit_pixels(pixels, params, output=str(target.resolve()), settings=settings, stages=stages)
+            del pixels  # the strips are encoded; do not hold the full image while waiting
+            result = _wait_and_write(job, target, timeout, image.name)
+            wall_s = time.perf_counter() - started
+        typer.echo(_summary(str(image), job, target, result, wall_s))
+        if verbose:
+            Console().print(_stage_table(result, wall_s))
+        if note:
+            typer.echo(note)
+        return
+    items = batch.expand(sources, params.operation.suffix, out_dir)
+    note = None
+    if any(i.state == "waiting" for i in items):
+        with _broker(settings, embedded, max(1, workers)) as note:
+            _batch(items, params, settings, timeout, in_flight)
+    else:
+        _batch(items, params, settings, timeout, in_flight)  # nothing to submit: just report
+    Console(width=max(100, Console().width)).print(_batch_table(items, time.perf_counter() - started))
     if note:
         typer.echo(note)
+    if any(i.state != "ok" for i in items):
+        raise typer.Exit(1)
+
+
+@app.command(name="ops", help=HELP_OPS)
+def list_ops() -> None:
+    table = Table("op", "parameter", "default", "range", "meaning", title="operations (submit --op NAME -p NAME=VALUE)")
+    for operation in ops.REGISTRY.values():
+        table.add_row(f"[bold]{operation.name}[/]", "", "", "", operation.summary)
+        for p in operation.params:
+            kind = "odd integer" if p.odd else "integer" if p.kind is int else "number"
+            table.add_row("", p.name, f"{p.default:g}", f"{p.lo:g}-{p.hi:g} ({kind})", p.help)
+    Console(soft_wrap=True).print(table)
 
 
 @app.command(help=HELP_STATUS)

@@ -172,7 +172,7 @@ def measure_size(cluster: LocalCluster, work: Path, width: int, height: int, cod
             name: statistics.median(s.seconds.get(name, 0.0) for s in runs)
             for name in ORDER if any(name in s.seconds for s in runs)
         } | {f"workers {k} (sum)": statistics.median(s.worker_seconds.get(k, 0.0) for s in runs)
-             for k in ("decode", "canny", "pack")}
+             for k in ("decode", "compute", "pack")}
         for codec, runs in stage_samples.items()
     }
     return {"size": [width, height], "rows": rows, "stages": stages, "samples": samples}
@@ -225,7 +225,7 @@ def worker_rss(cluster: LocalCluster, jobs_total: int) -> dict:
 
 def chart(sizes: list[dict], path: Path) -> None:
     """Horizontal stacked bars: median seconds per stage, per size and codec, drawn with OpenCV."""
-    colours = {"read": (180, 119, 31), "gray": (232, 199, 174), "encode": (14, 127, 255), "publish": (120, 187, 255),
+    colours = {"read": (180, 119, 31), "convert": (232, 199, 174), "encode": (14, 127, 255), "publish": (120, 187, 255),
                "compute": (44, 160, 44), "stitch": (40, 39, 214), "collect": (189, 103, 148), "write": (75, 86, 140)}
     bars = []
     for size in sizes:

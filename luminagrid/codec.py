@@ -1,10 +1,11 @@
 """Bytes on the wire: strip pixels going out, bit maps coming back.
 
-Strip codecs (8-bit grayscale, shape (rows, width)):
-- ``jpeg``: baseline JPEG through OpenCV's libjpeg at a given quality. Lossy, but exactly
-  reproducible: with 8-row-aligned strips the decoded strip equals the same rows of a decoded
-  whole-image JPEG.
+Strip codecs (8-bit gray (rows, width) or BGR (rows, width, 3)):
+- ``jpeg``: baseline JPEG through OpenCV's libjpeg at a given quality; colour without chroma
+  subsampling (4:4:4), so every 8x8 block decodes on its own. Lossy, but exactly reproducible:
+  with 8-row-aligned strips the decoded strip equals the same rows of a decoded whole-image JPEG.
 - ``lossless``: the raw bytes compressed with LZ4 (PNG costs 13-16 ms/MP to encode; LZ4 ~1.4).
+  Output images of local operations travel back the same way.
 
 Bit maps (bool, shape (rows, width)) travel as `np.packbits` along rows, then LZ4. Pending pixels
 (`canny.Pending`) travel as LZ4 of their int32 indices followed by their int32 labels.
@@ -30,30 +31,40 @@ class CodecError(ValueError):
     """Bytes that do not decode to what their message declares."""
 
 
-def encode_strip(gray: np.ndarray, codec: Codec, quality: int) -> bytes:
-    """Encode a (rows, width) uint8 array."""
+def shape_of(rows: int, width: int, channels: int) -> tuple[int, ...]:
+    """Array shape of `rows` rows: (rows, width) for gray, (rows, width, channels) otherwise."""
+    return (rows, width) if channels == 1 else (rows, width, channels)
+
+
+def encode_strip(pixels: np.ndarray, codec: Codec, quality: int) -> bytes:
+    """Encode a (rows, width) or (rows, width, 3) uint8 array."""
     if codec is Codec.jpeg:
-        ok, buf = cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        flags = [cv2.IMWRITE_JPEG_QUALITY, quality]
+        if pixels.ndim == 3:  # no chroma subsampling: blocks stay 8 rows high and independent
+            flags += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+        ok, buf = cv2.imencode(".jpg", pixels, flags)
         if not ok:
-            raise CodecError(f"OpenCV could not JPEG-encode a {gray.shape} strip")
+            raise CodecError(f"OpenCV could not JPEG-encode a {pixels.shape} strip")
         return buf.tobytes()
-    return lz4.frame.compress(np.ascontiguousarray(gray).data)
+    return lz4.frame.compress(np.ascontiguousarray(pixels).data)
 
 
-def decode_strip(data: bytes, codec: Codec, rows: int, width: int) -> np.ndarray:
-    """Decode to a (rows, width) uint8 array, checking the declared shape."""
+def decode_strip(data: bytes, codec: Codec, rows: int, width: int, channels: int = 1) -> np.ndarray:
+    """Decode to a uint8 array of `shape_of(rows, width, channels)`, checking the declared shape."""
+    shape = shape_of(rows, width, channels)
     if codec is Codec.jpeg:
-        gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if gray is None or gray.dtype != np.uint8 or gray.shape != (rows, width):
-            got = None if gray is None else (gray.shape, str(gray.dtype))
-            raise CodecError(f"JPEG strip decoded to {got}, expected ({rows}, {width}) uint8")
-        return gray
-    return _lz4_rows(data, rows, width, "lossless strip")
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if pixels is None or pixels.dtype != np.uint8 or pixels.shape != shape:
+            got = None if pixels is None else (pixels.shape, str(pixels.dtype))
+            raise CodecError(f"JPEG strip decoded to {got}, expected {shape} uint8")
+        return pixels
+    return _lz4_rows(data, rows, width * channels, "lossless strip").reshape(shape)
 
 
-def jpeg_roundtrip(gray: np.ndarray, quality: int) -> np.ndarray:
-    """Decode(encode(gray)): what the workers see of a whole image in JPEG mode."""
-    return decode_strip(encode_strip(gray, Codec.jpeg, quality), Codec.jpeg, *gray.shape)
+def jpeg_roundtrip(pixels: np.ndarray, quality: int) -> np.ndarray:
+    """Decode(encode(pixels)): what the workers see of a whole image in JPEG mode."""
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    return decode_strip(encode_strip(pixels, Codec.jpeg, quality), Codec.jpeg, *pixels.shape[:2], channels)
 
 
 def pack_bits(mask: np.ndarray) -> bytes:

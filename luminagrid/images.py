@@ -83,16 +83,22 @@ def check_pixels(image: np.ndarray, max_pixels: int, name: str) -> None:
         )
 
 
+def to_8bit(image: np.ndarray) -> np.ndarray:
+    """The same image with 8-bit samples: 16-bit samples keep their high byte (`value >> 8`)."""
+    if image.dtype == np.uint16:
+        return (image >> 8).astype(np.uint8)
+    if image.dtype != np.uint8:
+        raise InputError(f"images of type {image.dtype} are not supported; use 8- or 16-bit images.")
+    return image
+
+
 def to_gray8(image: np.ndarray) -> np.ndarray:
     """(H, W) uint8 gray of an image array.
 
-    16-bit samples keep their high byte (`value >> 8`), then colour becomes gray with
+    16-bit samples keep their high byte (`to_8bit`), then colour becomes gray with
     `cv2.COLOR_BGR2GRAY` (BGRA: `COLOR_BGRA2GRAY`, which ignores alpha).
     """
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise InputError(f"images of type {image.dtype} are not supported; use 8- or 16-bit images.")
+    image = to_8bit(image)
     if image.ndim == 2:
         return image
     if image.ndim == 3 and image.shape[2] == 1:
@@ -104,9 +110,19 @@ def to_gray8(image: np.ndarray) -> np.ndarray:
     raise InputError(f"an image of shape {image.shape} is not gray, BGR or BGRA.")
 
 
-def default_output(input_path: Path) -> Path:
-    """`photo.jpg` -> `photo.edges.png`, beside the input."""
-    return input_path.with_name(f"{input_path.stem}.edges.png")
+def to_bgr8(image: np.ndarray) -> np.ndarray:
+    """8-bit (H, W) gray for a gray image, (H, W, 3) BGR for a colour one (alpha dropped)."""
+    image = to_8bit(image)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.ndim == 3 and image.shape[2] == 3:
+        return image
+    return to_gray8(image)
+
+
+def default_output(input_path: Path, suffix: str = "edges", folder: Path | None = None) -> Path:
+    """`photo.jpg` -> `photo.edges.png` (the operation's suffix), beside the input or in `folder`."""
+    return (folder or input_path.parent) / f"{input_path.stem}.{suffix}.png"
 
 
 def check_output(out: Path, input_path: Path | None = None) -> None:

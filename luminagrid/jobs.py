@@ -1,8 +1,8 @@
 """The client API: submit an image as a chord of strip tasks and wait for the stitched result.
 
-    job = luminagrid.submit("photo.png", low=100, high=200)
+    job = luminagrid.submit("photo.png", op="bilateral", params={"d": 9})
     result = job.wait(timeout_s=60)
-    result.edges  # (H, W) uint8, 0 or 255
+    result.image  # (H, W, 3) uint8 for a colour photo; Canny (the default op) gives (H, W) 0/255
 
 While it waits, a job watches over its own tasks (the watchdog): a strip whose message is neither
 queued, held unacknowledged by a worker, nor finished, on two looks a second apart, was lost
@@ -20,7 +20,8 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,13 @@ import redis
 from celery import chord
 from celery.canvas import Signature
 
-from luminagrid import broker, canny, codec, images, messages, strips
+from luminagrid import broker, codec, images, messages, ops, strips
 from luminagrid.app import app
 from luminagrid.codec import Codec
 from luminagrid.errors import BrokerUnreachable, InputError, JobFailed, JobNotFound, JobTimeout
 from luminagrid.settings import KEY_PREFIX, QUEUE, Settings
 from luminagrid.stages import Stages
-from luminagrid.tasks import HALO_ROWS, canny_strip, stitch
+from luminagrid.tasks import run_strip, stitch
 
 #: How often `Job.wait` looks at Redis, in seconds (Celery's default of 0.5 s adds ~0.5 s a job).
 POLL_S = 0.01
@@ -47,8 +48,6 @@ WATCH_MISSES = 2
 #: After this long unfinished, check that some worker is online, in seconds (then every 10 s).
 WORKER_CHECK_S = 2.0
 REDIS_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError, OSError)
-#: Packed byte -> its 8 pixels as 0/255, most significant bit first (np.packbits order).
-_BYTE_TO_PIXELS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1) * np.uint8(255)
 
 # Finds task ids in the queue and in the Redis transport's unacked hash. Values are kombu's JSON
 # envelopes whose last part, the properties, holds `"correlation_id": "<task id>"`; only the
@@ -78,32 +77,33 @@ Notice = Callable[[str], None]
 class Params:
     """What to compute and how to ship it. `validate()` raises `InputError` naming the bad value."""
 
-    low: float = 100.0
-    high: float = 200.0
+    op: str = ops.DEFAULT
+    #: the operation's parameters by name (text or numbers); `validate()` fills in the defaults
+    values: Mapping[str, Any] = field(default_factory=dict)
     strips: int | None = None
     codec: Codec = Codec.jpeg
     quality: int = 95
 
-    def validate(self) -> None:
-        for name, value in (("low", self.low), ("high", self.high)):
-            if not (math.isfinite(value) and 0 <= value <= canny.MAX_THRESHOLD):
-                raise InputError(
-                    f"--{name} {value:g} is out of range; use a value from 0 to {canny.MAX_THRESHOLD:g}."
-                )
-        if self.low > self.high:
-            raise InputError(f"--low {self.low:g} is above --high {self.high:g}; make low <= high.")
+    @property
+    def operation(self) -> ops.Operation:
+        return ops.get(self.op)
+
+    def validate(self) -> Params:
+        """A copy with every parameter of the operation present and checked."""
+        values = self.operation.values(self.values)
         if self.strips is not None and not (1 <= self.strips <= strips.MAX_STRIPS):
             raise InputError(f"--strips {self.strips} is out of range; use 1 to {strips.MAX_STRIPS}.")
         if not (1 <= self.quality <= 100):
             raise InputError(f"--quality {self.quality} is out of range; use 1 to 100.")
+        return replace(self, values=values, codec=Codec(self.codec))
 
 
 @dataclass
 class JobResult:
-    """A finished job: `edges` is (H, W) uint8 with 0 and 255."""
+    """A finished job: `image` is (H, W) or (H, W, 3) uint8 (Canny: (H, W), 0 and 255)."""
 
     job_id: str
-    edges: np.ndarray
+    image: np.ndarray
     #: worker name -> strips it computed
     workers: dict[str, int]
     stitched_by: str
@@ -111,6 +111,11 @@ class JobResult:
     #: tasks the watchdog published again
     republished: int = 0
     stages: Stages = field(default_factory=Stages)
+
+    @property
+    def edges(self) -> np.ndarray:
+        """The output under Canny's name (kept for callers written before other operations)."""
+        return self.image
 
 
 @dataclass
@@ -193,8 +198,12 @@ class Job:
 
     @property
     def stitch_label(self) -> str:
-        """What Flower and logs show for the stitch task instead of the strips' bit maps."""
-        return f"job {self.id[:8]} stitch {self.strip_count} strips"
+        """What Flower and logs show for the stitch task instead of the strips' results."""
+        return f"job {self.id[:8]} {self.spec.op} stitch {self.strip_count} strips"
+
+    def strip_label(self, s: strips.Strip) -> str:
+        """What Flower and logs show for a strip task instead of kilobytes of pixels."""
+        return f"job {self.id[:8]} {self.spec.op} strip {s.index + 1}/{self.strip_count} rows {s.row0}-{s.row1}"
 
     # --- the record that lets another process find this job -------------------------------------
 
@@ -251,7 +260,7 @@ class Job:
 
     def _failure_text(self, body: dict[str, Any] | None, strip_metas: dict[int, dict[str, Any] | None]) -> str:
         """Why the job failed: the first failed strip's own error (from `_poll`), else the stitch's."""
-        plan = strips.plan_strips(self.height, self.strip_count, HALO_ROWS)
+        plan = strips.plan_strips(self.height, self.strip_count, self.spec.halo_rows)
         for i, meta in sorted(strip_metas.items()):
             if meta is not None and meta["status"] == "FAILURE":
                 where = f"strip {i + 1}/{self.strip_count} (rows {plan[i].row0}-{plan[i].row1})"
@@ -278,47 +287,21 @@ class Job:
         With `forget`, the job's data is deleted from Redis once collected; otherwise call `forget()`
         after using the result (as the CLI does, after writing the file).
         """
-        notice = on_notice or (lambda _text: None)
-        start = time.monotonic()
-        deadline = start + timeout_s
-        next_watch = start + WATCH_INTERVAL_S
-        next_worker_check = start + WORKER_CHECK_S
-        shown = -1
-        down_since: float | None = None
-        last_error: BaseException | None = None
-        while True:
-            try:
-                body, strip_metas = self._poll()
-                if body is not None and body["status"] == "SUCCESS":
-                    if on_progress is not None:
-                        on_progress(self.strip_count, self.strip_count)
-                    with self.stages.timed("collect"):
-                        result = self._collect(body["result"], time.monotonic() - start)
-                    if forget:
-                        self.forget()
-                    return result
-                if body is not None and body["status"] == "FAILURE":
-                    raise JobFailed(f"job {self.id} failed: {self._failure_text(body, strip_metas)}")
-                if on_progress is not None and len(self._done) != shown:
-                    shown = len(self._done)
-                    on_progress(shown, self.strip_count)
-                now = time.monotonic()
-                if now >= next_worker_check:
-                    next_worker_check = now + 10.0 if self._warn_if_no_workers(notice, timeout_s) else math.inf
-                if now >= next_watch:
-                    self._watch(notice)
-                    next_watch = now + WATCH_INTERVAL_S
-                if down_since is not None:
-                    notice(f"Redis at {broker.redacted(app.conf.broker_url)} answers again")
-                    down_since = None
-            except REDIS_ERRORS as exc:
-                last_error = exc
-                if down_since is None:
-                    down_since = time.monotonic()
-                    notice(f"lost Redis at {broker.redacted(app.conf.broker_url)} ({exc}); retrying")
-            if time.monotonic() > deadline:
-                self._give_up(timeout_s, down_since, last_error)
-            time.sleep(POLL_S if down_since is None else 0.2)
+        waiter = self.waiter(timeout_s, on_progress, on_notice)
+        while (result := waiter.step()) is None:
+            time.sleep(waiter.pause_s)
+        if forget:
+            self.forget()
+        return result
+
+    def waiter(
+        self,
+        timeout_s: float = 600.0,
+        on_progress: Callable[[int, int], None] | None = None,
+        on_notice: Notice | None = None,
+    ) -> Waiter:
+        """A non-blocking `wait`: call `step()` until it returns the result (how batches wait on many)."""
+        return Waiter(self, timeout_s, on_progress, on_notice or (lambda _text: None))
 
     def _give_up(self, timeout_s: float, down_since: float | None, error: BaseException | None) -> None:
         later = f"collect it later with: python cli.py result {self.id}"
@@ -402,11 +385,8 @@ class Job:
         return True
 
     def _collect(self, meta: dict[str, Any], wall_s: float) -> JobResult:
-        # One lookup from packed bytes to 0/255 bytes: faster than unpackbits, then * 255.
-        packed = codec.unpack_rows(meta["edges"], self.height, self.width)
-        edges = _BYTE_TO_PIXELS[packed].reshape(self.height, -1)
-        if edges.shape[1] != self.width:  # rows are padded to whole bytes
-            edges = np.ascontiguousarray(edges[:, : self.width])
+        spec = self.spec
+        image = spec.operation.collect(meta, spec.height, spec.width, spec.channels)
         seconds = meta.get("seconds") or {}
         stitch_s = float(seconds.get("stitch", 0.0))
         self.stages.add("compute", max(0.0, wall_s - stitch_s))
@@ -414,7 +394,7 @@ class Job:
         self.stages.worker_seconds = {k: float(v) for k, v in (seconds.get("strips") or {}).items()}
         self.stages.slowest_strip_s = float(seconds.get("slowest_strip", 0.0))
         return JobResult(
-            job_id=self.id, edges=edges, workers=dict(meta["workers"]), stitched_by=str(meta["stitched_by"]),
+            job_id=self.id, image=image, workers=dict(meta["workers"]), stitched_by=str(meta["stitched_by"]),
             wall_s=wall_s, republished=self.republished, stages=self.stages,
         )
 
@@ -425,23 +405,82 @@ class Job:
         backend.client.delete(_key(self.id), *(backend.get_key_for_task(t) for t in ids))
 
 
-def load_gray(image: np.ndarray | str | Path, settings: Settings, stages: Stages | None = None) -> np.ndarray:
-    """The (H, W) uint8 gray image a job computes on, from a path or an array."""
+class Waiter:
+    """One job's wait, a step at a time: progress, the watchdog, Redis outages and the deadline."""
+
+    def __init__(
+        self, job: Job, timeout_s: float, on_progress: Callable[[int, int], None] | None, notice: Notice
+    ) -> None:
+        self.job, self.timeout_s, self.on_progress, self.notice = job, timeout_s, on_progress, notice
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout_s
+        self.next_watch = self.start + WATCH_INTERVAL_S
+        self.next_worker_check = self.start + WORKER_CHECK_S
+        self.shown = -1
+        self.down_since: float | None = None
+        self.last_error: BaseException | None = None
+
+    @property
+    def pause_s(self) -> float:
+        """How long to sleep before the next step."""
+        return POLL_S if self.down_since is None else 0.2
+
+    def step(self) -> JobResult | None:
+        """Look once: the result when the job is done, else None; raise when it failed or timed out."""
+        job = self.job
+        try:
+            body, strip_metas = job._poll()
+            if body is not None and body["status"] == "SUCCESS":
+                if self.on_progress is not None:
+                    self.on_progress(job.strip_count, job.strip_count)
+                with job.stages.timed("collect"):
+                    return job._collect(body["result"], time.monotonic() - self.start)
+            if body is not None and body["status"] == "FAILURE":
+                raise JobFailed(f"job {job.id} failed: {job._failure_text(body, strip_metas)}")
+            if self.on_progress is not None and len(job._done) != self.shown:
+                self.shown = len(job._done)
+                self.on_progress(self.shown, job.strip_count)
+            now = time.monotonic()
+            if now >= self.next_worker_check:
+                none_online = job._warn_if_no_workers(self.notice, self.timeout_s)
+                self.next_worker_check = now + 10.0 if none_online else math.inf
+            if now >= self.next_watch:
+                job._watch(self.notice)
+                self.next_watch = now + WATCH_INTERVAL_S
+            if self.down_since is not None:
+                self.notice(f"Redis at {broker.redacted(app.conf.broker_url)} answers again")
+                self.down_since = None
+        except REDIS_ERRORS as exc:
+            self.last_error = exc
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                self.notice(f"lost Redis at {broker.redacted(app.conf.broker_url)} ({exc}); retrying")
+        if time.monotonic() > self.deadline:
+            job._give_up(self.timeout_s, self.down_since, self.last_error)
+        return None
+
+
+def load(
+    image: np.ndarray | str | Path, op: ops.Operation, settings: Settings, stages: Stages | None = None
+) -> np.ndarray:
+    """The 8-bit array `op` computes on (`Operation.prepare`), from a path or an array."""
     stages = stages or Stages()
     if isinstance(image, (str, Path)):
         with stages.timed("read"):
             image = images.read_image(Path(image), settings.max_pixels)
     else:
         images.check_pixels(image, settings.max_pixels, "the image")
-    with stages.timed("gray"):
-        return images.to_gray8(image)
+    with stages.timed("convert"):
+        return op.prepare(image)
 
 
 def submit(
     image: np.ndarray | str | Path,
     *,
-    low: float = 100.0,
-    high: float = 200.0,
+    op: str = ops.DEFAULT,
+    params: Mapping[str, Any] | None = None,
+    low: float | None = None,
+    high: float | None = None,
     strips: int | None = None,
     codec: Codec | str = Codec.jpeg,
     quality: int = 95,
@@ -449,46 +488,49 @@ def submit(
 ) -> Job:
     """Cut `image` (a path, or an (H, W[, C]) uint8/uint16 array) into strips and send the chord.
 
-    Canny runs on the image's gray conversion (`images.to_gray8`).
+    `op` names the operation (`ops.REGISTRY`) and `params` its parameters; `low`/`high` are
+    shorthands for Canny's. Canny runs on the gray conversion (`images.to_gray8`), the other
+    operations on 8-bit gray or BGR (`images.to_bgr8`).
     """
-    params = Params(low=float(low), high=float(high), strips=strips, codec=Codec(codec), quality=int(quality))
-    params.validate()
+    given = dict(params or {})
+    given.update({k: v for k, v in (("low", low), ("high", high)) if v is not None})
+    checked = Params(op=op, values=given, strips=strips, codec=Codec(codec), quality=int(quality)).validate()
     settings = settings or Settings.from_env()
     stages = Stages()
-    return submit_gray(load_gray(image, settings, stages), params, settings=settings, stages=stages)
+    return submit_pixels(load(image, checked.operation, settings, stages), checked, settings=settings, stages=stages)
 
 
-def submit_gray(
-    gray: np.ndarray, params: Params, output: str | None = None, settings: Settings | None = None,
+def submit_pixels(
+    pixels: np.ndarray, params: Params, output: str | None = None, settings: Settings | None = None,
     stages: Stages | None = None,
 ) -> Job:
-    """Send the chord for an (H, W) uint8 image whose parameters are already validated.
+    """Send the chord for an (H, W) or (H, W, 3) uint8 image (`load`), with validated `params`.
 
     `output` is recorded with the job, for `cli.py result` to write to later; `stages` holds the
-    timing of what came before (reading, gray conversion).
+    timing of what came before (reading, conversion).
     """
     settings = settings or Settings.from_env()
-    height, width = gray.shape
-    count = params.strips or strips.default_strip_count(height, width)
-    plan = strips.plan_strips(height, count, HALO_ROWS)
+    op = params.operation
+    height, width = pixels.shape[:2]
+    count = params.strips or strips.default_strip_count(height, width, op.strip_pixels)
     spec = messages.JobSpec(
-        id=str(uuid.uuid4()), width=width, height=height, strips=len(plan), codec=params.codec,
-        quality=params.quality, low=params.low, high=params.high,
+        id=str(uuid.uuid4()), op=op.name, params=dict(params.values), width=width, height=height,
+        channels=1 if pixels.ndim == 2 else pixels.shape[2], strips=0, codec=params.codec, quality=params.quality,
     )
+    plan = strips.plan_strips(height, count, spec.halo_rows)
+    spec = replace(spec, strips=len(plan))
     job = Job(spec=spec, output=output, stages=stages or Stages())
     message = spec.to_message()
     with job.stages.timed("encode"):
         # Both codecs release the GIL: encode strips on every core.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            payloads = list(pool.map(lambda s: codec.encode_strip(gray[s.top:s.bottom], params.codec, params.quality), plan))
+            payloads = list(pool.map(lambda s: codec.encode_strip(pixels[s.top:s.bottom], params.codec, params.quality), plan))
     try:
         job.save_record(settings.result_ttl_s)
         job.signatures = [
-            canny_strip.signature(
+            run_strip.signature(
                 (message, messages.strip_message(s), payload),
-                task_id=job.strip_task_id(s.index),
-                # What Flower and logs show instead of kilobytes of pixels.
-                argsrepr=f"job {job.id[:8]} strip {s.index + 1}/{len(plan)} rows {s.row0}-{s.row1}",
+                task_id=job.strip_task_id(s.index), argsrepr=job.strip_label(s),
             )
             for s, payload in zip(plan, payloads)
         ]

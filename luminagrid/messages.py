@@ -1,7 +1,7 @@
 """The strip message: built by the submitter, validated by the worker before any decoding.
 
 A strip task gets three arguments (msgpack, never pickle):
-- `job`: {"id", "width", "height", "strips", "codec", "quality", "low", "high"}
+- `job`: {"id", "op", "params", "width", "height", "channels", "strips", "codec", "quality"}
 - `strip`: {"index", "row0", "row1", "top", "bottom"} (see `strips.Strip`)
 - `payload`: the strip's encoded pixels (`codec.encode_strip`)
 
@@ -11,13 +11,12 @@ types, ranges and sizes before a byte is decoded, and raises `MessageError` nami
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from luminagrid import canny, strips
+from luminagrid import ops, strips
 from luminagrid.codec import Codec
-from luminagrid.errors import MessageError
+from luminagrid.errors import InputError, MessageError
 
 #: A job id is a UUID (36 characters); anything much longer is not ours.
 MAX_ID_CHARS = 64
@@ -30,18 +29,31 @@ class JobSpec:
     """What every strip task and the stitch task of one job need to know."""
 
     id: str
+    op: str
+    #: every parameter of the operation, validated (`Operation.values`)
+    params: dict[str, float | int]
     width: int
     height: int
+    #: 1 (gray) or 3 (BGR): of the strips going out and of the output image
+    channels: int
     strips: int
     codec: Codec
     quality: int
-    low: float
-    high: float
+
+    @property
+    def operation(self) -> ops.Operation:
+        return ops.get(self.op)
+
+    @property
+    def halo_rows(self) -> int:
+        """The aligned halo this job's strips carry (`strips.halo_for` of the operation's need)."""
+        return strips.halo_for(self.operation.halo_rows(self.params))
 
     def to_message(self) -> dict[str, Any]:
         return {
-            "id": self.id, "width": self.width, "height": self.height, "strips": self.strips,
-            "codec": self.codec.value, "quality": self.quality, "low": self.low, "high": self.high,
+            "id": self.id, "op": self.op, "params": dict(self.params), "width": self.width,
+            "height": self.height, "channels": self.channels, "strips": self.strips,
+            "codec": self.codec.value, "quality": self.quality,
         }
 
 
@@ -54,13 +66,6 @@ def _int(d: dict[str, Any], key: str, lo: int, hi: int) -> int:
     if type(value) is not int or not lo <= value <= hi:  # noqa: E721 - bool is not an int here
         raise MessageError(f"field {key!r} = {value!r} is not a whole number in [{lo}, {hi}]")
     return value
-
-
-def _float(d: dict[str, Any], key: str, lo: float, hi: float) -> float:
-    value = d.get(key)
-    if type(value) not in (int, float) or not (math.isfinite(value) and lo <= value <= hi):
-        raise MessageError(f"field {key!r} = {value!r} is not a number in [{lo:g}, {hi:g}]")
-    return float(value)
 
 
 def parse_job(job: Any, max_pixels: int) -> JobSpec:
@@ -77,15 +82,27 @@ def parse_job(job: Any, max_pixels: int) -> JobSpec:
         kind = Codec(job.get("codec"))
     except ValueError:
         raise MessageError(f"job {job_id}: unknown codec {job.get('codec')!r}") from None
-    low = _float(job, "low", 0, canny.MAX_THRESHOLD)
-    high = _float(job, "high", low, canny.MAX_THRESHOLD)
+    params = job.get("params")
+    if not isinstance(params, dict) or not all(type(v) in (int, float) for v in params.values()):
+        raise MessageError(f"job {job_id}: params {params!r} is not a mapping of names to numbers")
+    try:
+        # The same validation as the submitter's: names, types, ranges (so halos stay bounded).
+        op = ops.get(job.get("op"))
+        values = op.values(params)
+    except InputError as exc:
+        raise MessageError(f"job {job_id}: {exc}") from None
+    if set(values) != set(params):
+        raise MessageError(f"job {job_id}: params {sorted(params)} do not name every parameter of {op.name}")
+    channels = _int(job, "channels", 1, 3)
+    if channels == 2 or (channels == 3 and not op.colour):
+        raise MessageError(f"job {job_id}: {channels} channels do not suit operation {op.name}")
     return JobSpec(
-        id=job_id, width=width, height=height, strips=_int(job, "strips", 1, strips.MAX_STRIPS),
-        codec=kind, quality=_int(job, "quality", 0, 100), low=low, high=high,
+        id=job_id, op=op.name, params=values, width=width, height=height, channels=channels,
+        strips=_int(job, "strips", 1, strips.MAX_STRIPS), codec=kind, quality=_int(job, "quality", 0, 100),
     )
 
 
-def parse_strip(strip: Any, job: JobSpec, halo_rows: int) -> strips.Strip:
+def parse_strip(strip: Any, job: JobSpec) -> strips.Strip:
     if not isinstance(strip, dict):
         raise MessageError(f"strip must be a mapping, got {type(strip).__name__}")
     s = strips.Strip(
@@ -95,6 +112,7 @@ def parse_strip(strip: Any, job: JobSpec, halo_rows: int) -> strips.Strip:
         top=_int(strip, "top", 0, job.height - 1),
         bottom=_int(strip, "bottom", 1, job.height),
     )
+    halo_rows = job.halo_rows
     if not (s.top <= s.row0 < s.row1 <= s.bottom) or s.halo_top > halo_rows or s.halo_bottom > halo_rows:
         raise MessageError(f"job {job.id}: strip rows {strip} are inconsistent (halo at most {halo_rows})")
     return s
@@ -103,10 +121,10 @@ def parse_strip(strip: Any, job: JobSpec, halo_rows: int) -> strips.Strip:
 def check_payload(payload: Any, s: strips.Strip, job: JobSpec) -> bytes:
     if not isinstance(payload, bytes):
         raise MessageError(f"job {job.id} strip {s.index}: payload is {type(payload).__name__}, not bytes")
-    limit = (s.bottom - s.top) * job.width + PAYLOAD_SLACK_BYTES
+    limit = (s.bottom - s.top) * job.width * job.channels + PAYLOAD_SLACK_BYTES
     if len(payload) > limit:
         raise MessageError(
             f"job {job.id} strip {s.index}: payload of {len(payload)} bytes exceeds {limit} "
-            f"for {s.bottom - s.top}x{job.width} pixels"
+            f"for {s.bottom - s.top}x{job.width}x{job.channels} samples"
         )
     return payload

@@ -39,7 +39,7 @@ def list_workers(timeout_s: float = 2.0) -> list[WorkerInfo]:
             name=name,
             host=name.split("@", 1)[-1],
             pool_processes=int(info.get("pool", {}).get("max-concurrency", 0)),
-            active_strips=sum(1 for t in active.get(name, []) if t.get("name") == "luminagrid.canny_strip"),
+            active_strips=sum(1 for t in active.get(name, []) if t.get("name") == "luminagrid.strip"),
             processed=sum(int(n) for n in info.get("total", {}).values()),
         )
         for name, info in sorted(stats.items())

@@ -1,9 +1,10 @@
 """Per-stage timing of a job: where its wall-clock time went.
 
-Stages, in pipeline order (seconds): `read` (decode the input file), `gray`, `encode` (strip
-payloads), `publish` (the chord onto Redis), `compute` (from published to every strip done, as
-the submitter sees it), `stitch` (the stitch task's own work), `collect` (fetch and unpack the
-result), `write` (the output file, CLI only). Workers also report CPU seconds summed over strips.
+Stages, in pipeline order (seconds): `read` (decode the input file), `convert` (to the 8-bit
+gray or BGR the operation computes on), `encode` (strip payloads), `publish` (the chord onto
+Redis), `compute` (from published to every strip done, as the submitter sees it), `stitch` (the
+stitch task's own work), `collect` (fetch and unpack the result), `write` (the output file, CLI
+only). Workers also report CPU seconds summed over strips.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-ORDER = ("read", "gray", "encode", "publish", "compute", "stitch", "collect", "write")
+ORDER = ("read", "convert", "encode", "publish", "compute", "stitch", "collect", "write")
 
 
 @dataclass
@@ -21,7 +22,7 @@ class Stages:
     """Seconds per stage (wall clock, this process), plus what the workers reported."""
 
     seconds: dict[str, float] = field(default_factory=dict)
-    #: CPU-side seconds summed over all strips: decode, canny, pack (from the strip results)
+    #: CPU-side seconds summed over all strips: decode, compute, pack (from the strip results)
     worker_seconds: dict[str, float] = field(default_factory=dict)
     #: the slowest strip's own compute time, seconds
     slowest_strip_s: float = 0.0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 ALIGN_ROWS = 8
 #: Upper bound on strips per job (keeps chord bookkeeping and message counts small).
 MAX_STRIPS = 256
-#: Target pixels per strip when the caller does not choose a count.
+#: Target pixels per strip when the caller does not choose a count (operations may choose their own).
 TARGET_STRIP_PIXELS = 1_000_000
 
 
@@ -47,9 +47,11 @@ def halo_for(needed_rows: int) -> int:
     return ALIGN_ROWS * math.ceil(needed_rows / ALIGN_ROWS)
 
 
-def default_strip_count(height: int, width: int) -> int:
-    """About one megapixel per strip, at least two where the height allows."""
-    wanted = max(2, math.ceil(height * width / TARGET_STRIP_PIXELS))
+def default_strip_count(height: int, width: int, target_pixels: int = TARGET_STRIP_PIXELS) -> int:
+    """About `target_pixels` per strip, an even count (two workers get equal shares), at least two
+    where the height allows."""
+    wanted = max(2, math.ceil(height * width / target_pixels))
+    wanted += wanted % 2
     return min(wanted, MAX_STRIPS, max_strips_for(height))
 
 

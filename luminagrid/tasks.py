@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers that validate, decode, call the pure core, and encode.
+"""Celery tasks: thin wrappers that validate, decode, call the operation's pure core, and encode.
 
 Message layout: see `messages.py`. Delivery is at least once (acks late, requeue on a lost pool
 process), so both tasks are idempotent: running a strip twice gives the same bytes, and the Redis
@@ -12,18 +12,16 @@ import time
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import redis
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from luminagrid import canny, codec, messages, strips
+from luminagrid import codec, messages
 from luminagrid.app import app
 from luminagrid.errors import MessageError
 from luminagrid.settings import Settings
 
 SETTINGS = Settings.from_env()
-HALO_ROWS = strips.halo_for(canny.HALO_NEEDED_ROWS)
 #: Worth retrying with backoff: Redis blips and a strip interrupted by the soft time limit.
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, SoftTimeLimitExceeded)
 
@@ -46,38 +44,35 @@ _RETRY = {
 }
 
 
-@app.task(name="luminagrid.canny_strip", bind=True, **_RETRY)
-def canny_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
-    """Validate and decode one strip, run the strip half of exact Canny, return packed bit maps."""
+@app.task(name="luminagrid.strip", bind=True, **_RETRY)
+def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
+    """Validate and decode one strip, run its operation's strip step, return the packed result."""
     spec = messages.parse_job(job, SETTINGS.max_pixels)
-    s = messages.parse_strip(strip, spec, HALO_ROWS)
+    s = messages.parse_strip(strip, spec)
     data = messages.check_payload(payload, s, spec)
+    op = spec.operation
     t0 = time.perf_counter()
     try:
-        gray = codec.decode_strip(data, spec.codec, s.bottom - s.top, spec.width)
+        pixels = codec.decode_strip(data, spec.codec, s.bottom - s.top, spec.width, spec.channels)
     except codec.CodecError as exc:
         raise MessageError(f"job {spec.id} strip {s.index}: {exc}") from None
     t1 = time.perf_counter()
-    result = canny.canny_strip(
-        gray, s.halo_top, s.halo_bottom, spec.low, spec.high,
-        seam_above=s.row0 > 0, seam_below=s.row1 < spec.height,
-    )
+    result = op.compute(pixels, s, spec.height, spec.params)
     t2 = time.perf_counter()
-    edges, pending = codec.pack_bits(result.edges), codec.pack_pending(result.pending)
+    packed = op.pack(result)
     return {
+        **packed,
         "index": s.index,
         "row0": s.row0,
         "row1": s.row1,
-        "edges": edges,
-        "pending": pending,
         "worker": _worker_name(self),
-        "seconds": {"decode": t1 - t0, "canny": t2 - t1, "pack": time.perf_counter() - t2},
+        "seconds": {"decode": t1 - t0, "compute": t2 - t1, "pack": time.perf_counter() - t2},
     }
 
 
 @app.task(name="luminagrid.stitch", bind=True, **_RETRY)
 def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
-    """Chord callback: stack the strips, finish hysteresis across seams, return the packed map."""
+    """Chord callback: check that the strips tile the image, then the operation's stitch step."""
     started = time.perf_counter()
     spec = messages.parse_job(job, SETTINGS.max_pixels)
     height, width = spec.height, spec.width
@@ -87,23 +82,19 @@ def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
     if [p["row0"] for p in parts] != [0, *(p["row1"] for p in parts[:-1])] or parts[-1]["row1"] != height:
         raise MessageError(f"job {spec.id}: strips do not tile rows 0-{height}")
     try:
-        # Strips' packed rows concatenate to the whole packed map (np.packbits pads each row).
-        packed = np.concatenate([codec.unpack_rows(p["edges"], p["row1"] - p["row0"], width) for p in parts])
-        pending = [codec.unpack_pending(p["pending"], p["row1"] - p["row0"], width) for p in parts]
+        stitched = spec.operation.stitch(parts, width, spec.channels)
     except codec.CodecError as exc:
         raise MessageError(f"job {spec.id}: a strip result is corrupt: {exc}") from None
-    canny.finish_seams(packed, width, [(p["row0"], q) for p, q in zip(parts, pending)])
-    edges = codec.pack_rows(packed)
     strip_seconds = [p.get("seconds") or {} for p in parts]
     return {
+        **stitched,
         "width": width,
         "height": height,
-        "edges": edges,
         "workers": dict(Counter(p["worker"] for p in parts)),
         "stitched_by": _worker_name(self),
         "seconds": {
             "stitch": time.perf_counter() - started,
-            "strips": {k: sum(float(t.get(k, 0.0)) for t in strip_seconds) for k in ("decode", "canny", "pack")},
+            "strips": {k: sum(float(t.get(k, 0.0)) for t in strip_seconds) for k in ("decode", "compute", "pack")},
             "slowest_strip": max((sum(map(float, t.values())) for t in strip_seconds), default=0.0),
         },
     }

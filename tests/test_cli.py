@@ -61,10 +61,10 @@ def test_verbose_submit_shows_where_the_time_went(cluster_env: dict[str, str], p
     assert proc.returncode == 0, proc.stderr
     table = proc.stdout.split("time per stage", 1)[1]
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in table.splitlines() if line.count("│") == 4}
-    stages = ["read", "gray", "encode", "publish", "compute", "stitch", "collect", "write"]
+    stages = ["read", "convert", "encode", "publish", "compute", "stitch", "collect", "write"]
     assert [name for name in rows if name in stages] == stages  # every stage, in pipeline order
     assert all(float(rows[name]) >= 0 for name in stages) and float(rows["total (command)"]) > 0
-    assert float(rows["workers: canny (sum over strips)"]) > 0
+    assert float(rows["workers: compute (sum over strips)"]) > 0
     # The stages and the rest add up to the total.
     parts = sum(float(rows[name]) for name in stages) + float(rows["other (start-up, imports, embedded cluster)"])
     assert abs(parts - float(rows["total (command)"])) < 1.0
@@ -115,9 +115,16 @@ def test_embedded_flag_forces_a_private_cluster(cluster_env: dict[str, str], pho
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--low", "300", "--high", "200"], "--low 300 is above --high 200"),
-        (["--high", "5000"], "--high 5000 is out of range"),
-        (["--low", "-1"], "--low -1 is out of range"),
+        (["--low", "300", "--high", "200"], "--op canny: low 300 is above high 200; make low <= high."),
+        (["--high", "5000"], "parameter high=5000.0 is out of range; use a number from 0 to 2040"),
+        (["--low", "-1"], "parameter low=-1.0 is out of range"),
+        (["--op", "sharpen"], "unknown operation --op 'sharpen'; choose one of: canny, gaussian, bilateral, denoise."),
+        (["--op", "bilateral", "-p", "d=40"], "--op bilateral: parameter d='40' is out of range; use a whole number from 1 to 31"),
+        (["--op", "bilateral", "-p", "radius=3"], "--op bilateral has no parameter 'radius'; its parameters are: d, sigma_color"),
+        (["--op", "denoise", "-p", "search_window=20"], "search_window='20' is out of range; use an odd whole number"),
+        (["-p", "low"], "-p 'low' is not NAME=VALUE; write e.g. -p d=9."),
+        (["--op", "gaussian", "--low", "5"], "--low is a Canny threshold; for --op gaussian use -p NAME=VALUE"),
+        (["--jobs", "0"], "--jobs 0 is out of range; use 1 to 64."),
         (["--quality", "0"], "--quality 0 is out of range"),
         (["--quality", "101"], "--quality 101 is out of range"),
         (["--strips", "0"], "--strips 0 is out of range"),
@@ -139,7 +146,7 @@ def test_bad_parameters_fail_before_any_work_with_a_clear_message(
     ("make", "message"),
     [
         (lambda d: d / "missing.png", "no such file"),
-        (lambda d: d, "is a directory"),
+        (lambda d: d, "holds no images"),
         (lambda d: (d / "empty.png", (d / "empty.png").write_bytes(b""))[0], "is empty"),
         (lambda d: (d / "text.png", (d / "text.png").write_text("hello"))[0], "not a readable image"),
     ],

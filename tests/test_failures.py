@@ -66,7 +66,7 @@ def test_with_no_workers_submit_says_so_then_the_job_can_be_collected_later(idle
     out = photo.with_name("photo.edges.png")  # the path submit had chosen
     gray = cv2.imread(str(photo), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(cv2.imread(str(out), cv2.IMREAD_UNCHANGED), cv2.Canny(gray, 100, 200))
-    assert f"job {job_id} 90x120 -> {out}" in collected.stdout
+    assert f"job {job_id} 90x120 canny -> {out}" in collected.stdout
 
     gone = run(["status", job_id], env_for(idle))  # collected jobs are deleted from Redis
     assert gone.returncode == 1 and f"no job '{job_id}'" in gone.stderr
@@ -228,7 +228,8 @@ def test_an_unwritable_output_path_fails_cleanly_and_leaves_the_workers_healthy(
 
 # --- forged messages --------------------------------------------------------------------------
 
-JOB = {"id": "forged", "width": 16, "height": 16, "strips": 1, "codec": "lossless", "quality": 95, "low": 10.0, "high": 20.0}
+JOB = {"id": "forged", "op": "canny", "params": {"low": 10.0, "high": 20.0}, "width": 16, "height": 16, "channels": 1,
+       "strips": 1, "codec": "lossless", "quality": 95}
 STRIP = {"index": 0, "row0": 0, "row1": 16, "top": 0, "bottom": 16}
 
 
@@ -254,13 +255,19 @@ class Exploit:
         (JOB, {**STRIP, "top": 5}, b"", "are inconsistent"),
         (JOB, {**STRIP, "row1": "16"}, b"", "'row1' = '16' is not a whole number"),
         ("not a dict", STRIP, b"", "job must be a mapping"),
+        ({**JOB, "op": "sharpen"}, STRIP, b"", "unknown operation --op 'sharpen'"),
+        ({**JOB, "op": "gaussian", "params": {"sigma": 1e9}}, STRIP, b"", "parameter sigma=1000000000.0 is out of range"),
+        ({**JOB, "params": {"low": 10.0}}, STRIP, b"", "do not name every parameter of canny"),
+        ({**JOB, "params": {"low": "10", "high": 20.0}}, STRIP, b"", "is not a mapping of names to numbers"),
+        ({**JOB, "channels": 3}, STRIP, b"", "3 channels do not suit operation canny"),
+        ({**JOB, "op": "gaussian", "params": {"sigma": 2.0}, "channels": 3}, STRIP, b"\0" * 70_000, "exceeds 66304"),
         (JOB, STRIP, "not bytes", "payload is str, not bytes"),
     ],
 )
 def test_forged_strip_messages_are_rejected_without_harming_the_workers(
     cluster: LocalCluster, job: object, strip: object, payload: object, message: str,
 ) -> None:
-    result = app.send_task("luminagrid.canny_strip", args=[job, strip, payload])
+    result = app.send_task("luminagrid.strip", args=[job, strip, payload])
     meta = wait_for(lambda: (m := jobs._metas([result.id])[0]) and m["status"] == "FAILURE" and m, 30, "the task to fail")
     assert "MessageError" in type(meta["result"]).__name__ and message in str(meta["result"])
     assert len(app.control.ping(timeout=2.0)) == 2
@@ -269,7 +276,7 @@ def test_forged_strip_messages_are_rejected_without_harming_the_workers(
 def test_a_pickled_message_is_never_unpickled(cluster: LocalCluster, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     pids = sorted(n.proc.pid for n in cluster.nodes if n.proc)
-    app.send_task("luminagrid.canny_strip", args=[Exploit(marker)], serializer="pickle")
+    app.send_task("luminagrid.strip", args=[Exploit(marker)], serializer="pickle")
     client = broker.client(cluster.url)
     wait_for(lambda: client.llen(QUEUE) == 0 and client.hlen("unacked") == 0, 30, "the message to be consumed")
     assert not marker.exists()

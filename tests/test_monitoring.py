@@ -76,10 +76,10 @@ def test_flower_lists_both_workers_and_every_task_of_a_job_with_a_short_label(
     tasks = wait_for(all_succeeded, 30, "Flower to show every task as SUCCESS", poll_s=0.2)
     for s in plan_strips(300, 5, 8):
         task = tasks[job.strip_task_id(s.index)]
-        assert task["name"] == "luminagrid.canny_strip"
-        assert task["args"] == f"job {job.id[:8]} strip {s.index + 1}/5 rows {s.row0}-{s.row1}"
+        assert task["name"] == "luminagrid.strip"
+        assert task["args"] == f"job {job.id[:8]} canny strip {s.index + 1}/5 rows {s.row0}-{s.row1}"
     stitch = tasks[job.id]
-    assert stitch["name"] == "luminagrid.stitch" and stitch["args"] == f"job {job.id[:8]} stitch 5 strips"
+    assert stitch["name"] == "luminagrid.stitch" and stitch["args"] == f"job {job.id[:8]} canny stitch 5 strips"
     assert all(len(str(tasks[t]["args"])) < 80 and len(str(tasks[t].get("kwargs"))) < 80 for t in ids)
 
     status, workers = get(f"{flower.url}/api/workers?refresh=1")

@@ -1,0 +1,170 @@
+"""Many images at once: expand files, folders and globs; keep a bounded number of jobs in flight.
+
+    items = batch.expand(["scans/", "extra/*.tif", "one.png"], suffix="denoise", out_dir=Path("out"))
+    outcomes = batch.run(items, params, settings, max_in_flight=4)
+
+Each image is its own job. One that cannot be read, fails on the workers, or times out is
+reported as failed; the others go on. Outputs are written as their jobs finish, atomically.
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from luminagrid import images, jobs, ops
+from luminagrid.errors import LuminagridError
+from luminagrid.settings import Settings
+
+#: Files a folder contributes (by suffix, case-insensitive); outputs of any operation are skipped.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pgm", ".ppm", ".pbm")
+#: Upper bound on jobs in flight (each holds its strips' payloads until it finishes).
+MAX_IN_FLIGHT = 64
+
+
+@dataclass
+class Item:
+    """One image of a batch and what became of it."""
+
+    #: the input as the user can recognise it
+    source: str
+    path: Path | None
+    out: Path | None = None
+    #: "waiting", "running", "ok" or "failed"
+    state: str = "waiting"
+    error: str | None = None
+    width: int = 0
+    height: int = 0
+    seconds: float = 0.0
+    job_id: str | None = None
+    workers: dict[str, int] = field(default_factory=dict)
+
+    def fail(self, error: str) -> None:
+        self.state, self.error = "failed", error
+
+
+def _is_output(path: Path) -> bool:
+    """`photo.edges.png`, `photo.denoise.png`: what luminagrid writes, not what it should read."""
+    parts = path.name.split(".")
+    return len(parts) >= 3 and parts[-2] in {op.suffix for op in ops.REGISTRY.values()}
+
+
+def is_single(args: list[str]) -> bool:
+    """One path that is neither a folder nor a pattern: a single job (its errors end the command)."""
+    if len(args) != 1:
+        return False
+    path = Path(args[0])
+    return not path.is_dir() and (path.exists() or not glob.has_magic(args[0]))
+
+
+def expand(args: Iterable[str], suffix: str, out_dir: Path | None = None) -> list[Item]:
+    """Items for files, folders (their images, not recursive) and glob patterns, in order.
+
+    An argument that names nothing becomes a failed item, as does an image whose output path
+    another image of the batch already claims. Duplicates of the same file are dropped.
+    """
+    items: list[Item] = []
+    seen: set[Path] = set()
+    claimed: dict[Path, str] = {}
+
+    def add(path: Path) -> None:
+        key = path.resolve()
+        if key in seen:
+            return
+        seen.add(key)
+        item = Item(source=str(path), path=path, out=images.default_output(path, suffix, out_dir))
+        other = claimed.setdefault(item.out.resolve(), item.source)
+        if other != item.source:
+            item.fail(f"its output {item.out} is also {other}'s; give them separate --out-dir runs or rename one.")
+        items.append(item)
+
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _is_output(p))
+            if not found:
+                items.append(Item(source=arg, path=None, state="failed",
+                                  error=f"{arg} holds no images ({', '.join(IMAGE_SUFFIXES)}); check the folder."))
+            for p in found:
+                add(p)
+        elif not path.exists() and glob.has_magic(arg):
+            matches = sorted(Path(m) for m in glob.glob(arg) if Path(m).is_file())
+            if not matches:
+                items.append(Item(source=arg, path=None, state="failed",
+                                  error=f"no file matches {arg!r}; check the pattern."))
+            for p in matches:
+                add(p)
+        else:
+            add(path)  # a missing file fails when it is read, with the usual message
+    return items
+
+
+@dataclass
+class _Flight:
+    item: Item
+    job: jobs.Job
+    waiter: jobs.Waiter
+    started: float
+
+
+def run(
+    items: list[Item],
+    params: jobs.Params,
+    settings: Settings,
+    max_in_flight: int = 4,
+    timeout_s: float = 600.0,
+    on_change: Callable[[Item], None] | None = None,
+    on_notice: Callable[[Item, str], None] | None = None,
+) -> tuple[list[Item], int]:
+    """Process every waiting item; return the items and the most jobs that were in flight at once.
+
+    `params` must be validated. `on_change` hears of each item that starts, finishes or fails;
+    `on_notice` passes on the watchdog's notes (lost tasks, no workers, Redis outages).
+    """
+    changed = on_change or (lambda _item: None)
+    queue = deque(i for i in items if i.state == "waiting")
+    flying: list[_Flight] = []
+    peak = 0
+    for item in items:
+        if item.state == "failed":
+            changed(item)
+    while queue or flying:
+        while queue and len(flying) < max_in_flight:
+            item = queue.popleft()
+            started = time.monotonic()
+            try:
+                assert item.path is not None and item.out is not None
+                images.check_output(item.out, item.path)
+                pixels = jobs.load(item.path, params.operation, settings)
+                item.height, item.width = pixels.shape[:2]
+                job = jobs.submit_pixels(pixels, params, output=str(item.out.resolve()), settings=settings)
+            except LuminagridError as exc:
+                item.fail(str(exc))
+                changed(item)
+                continue
+            del pixels  # the strips are encoded; the job holds what the watchdog may need
+            item.state, item.job_id = "running", job.id
+            notice = (lambda it: lambda text: on_notice(it, text))(item) if on_notice else None
+            flying.append(_Flight(item, job, job.waiter(timeout_s, on_notice=notice), started))
+            peak = max(peak, len(flying))
+            changed(item)
+        for flight in list(flying):
+            try:
+                result = flight.waiter.step()
+                if result is None:
+                    continue
+                images.write_image_atomic(flight.item.out, result.image)  # type: ignore[arg-type]
+                flight.job.forget()
+                flight.item.state, flight.item.workers = "ok", result.workers
+            except LuminagridError as exc:
+                flight.item.fail(str(exc))
+            flight.item.seconds = time.monotonic() - flight.started
+            flying.remove(flight)
+            changed(flight.item)
+        if flying:
+            time.sleep(jobs.POLL_S)
+    return items, peak

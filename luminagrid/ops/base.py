@@ -1,0 +1,130 @@
+"""What an operation is: its parameters, its halo, and how its strips become one image.
+
+An operation is a small object (one module under `luminagrid/ops/`) that says:
+- `params`: typed, bounded parameters (`Param`), filled with defaults and validated by `values`;
+- `halo_rows(values)`: the rows beyond its own that a strip needs for an exact result;
+- `colour`: whether it computes on BGR when the input has colour (else on 8-bit gray);
+- `global_pass`: whether the stitch does more than put the strips' rows together (Canny does).
+
+The default strip path suits any *local* operation, whose output pixel depends only on input
+pixels within `halo_rows` of it: run `apply` on the strip plus its halo, crop the halo, ship the
+rows losslessly; the stitch concatenates them. Then the output equals `apply` on the whole image,
+provided `apply` treats the image's own top and bottom edge the same way wherever it is called
+(OpenCV's border modes do). Operations with a global pass override `compute`, `pack`, `stitch`
+and `collect`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from luminagrid import codec
+from luminagrid.codec import Codec
+from luminagrid.errors import InputError
+from luminagrid.strips import Strip
+
+Values = dict[str, float | int]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One numeric parameter: `kind` int or float, inclusive bounds, optionally odd-only."""
+
+    name: str
+    kind: type
+    default: float | int
+    lo: float
+    hi: float
+    help: str
+    odd: bool = False
+
+    def parse(self, raw: Any, op: str) -> float | int:
+        """A value from `-p name=value` text or a message field; raise `InputError` if unusable."""
+        fix = f"use {'an odd whole number' if self.odd else 'a whole number' if self.kind is int else 'a number'} " \
+              f"from {self.lo:g} to {self.hi:g} (default {self.default:g})"
+        where = f"--op {op}: parameter {self.name}"
+        value: float | int
+        try:
+            if isinstance(raw, bool):
+                raise ValueError
+            if self.kind is int:
+                value = int(raw) if isinstance(raw, int) else int(str(raw).strip(), 10)
+            else:
+                value = float(raw)
+        except (TypeError, ValueError):
+            raise InputError(f"{where}={raw!r} is not {'a whole number' if self.kind is int else 'a number'}; {fix}.") from None
+        if not (math.isfinite(value) and self.lo <= value <= self.hi) or (self.odd and value % 2 == 0):
+            raise InputError(f"{where}={raw!r} is out of range; {fix}.")
+        return value
+
+
+class Operation:
+    """Base class of every operation; subclasses set the class attributes and `apply`."""
+
+    name: ClassVar[str]
+    #: one line for `--help` and the README
+    summary: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]] = ()
+    colour: ClassVar[bool] = True
+    global_pass: ClassVar[bool] = False
+    #: output file name: `<stem>.<suffix>.png`
+    suffix: ClassVar[str] = ""
+    #: pixels per strip when the user does not choose a count (halo work vs load balance)
+    strip_pixels: ClassVar[int] = 2_000_000
+
+    # --- parameters -------------------------------------------------------------------------------
+
+    def values(self, given: Mapping[str, Any]) -> Values:
+        """All parameters, defaults filled in, each validated; raise `InputError` naming the bad one."""
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            names = ", ".join(known) or "none"
+            raise InputError(f"--op {self.name} has no parameter {unknown[0]!r}; its parameters are: {names}.")
+        values = {name: p.parse(given[name], self.name) if name in given else p.default for name, p in known.items()}
+        self.check(values)
+        return values
+
+    def check(self, values: Values) -> None:
+        """Checks across parameters (raise `InputError`); none by default."""
+
+    def halo_rows(self, values: Values) -> int:
+        """Rows above and below a strip that its exact result depends on."""
+        raise NotImplementedError
+
+    # --- the pure core ----------------------------------------------------------------------------
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """The 8-bit array this operation computes on: (H, W) gray, or (H, W, 3) BGR if `colour`."""
+        from luminagrid import images  # images imports nothing from ops; keep the import local anyway
+
+        return images.to_bgr8(image) if self.colour else images.to_gray8(image)
+
+    def apply(self, pixels: np.ndarray, values: Values) -> np.ndarray:
+        """The operation on a whole image (the single-machine answer), same shape and dtype."""
+        raise NotImplementedError
+
+    def compute(self, pixels: np.ndarray, strip: Strip, height: int, values: Values) -> Any:
+        """A strip's share of the output, from its pixels plus halo: rows `row0:row1`."""
+        return self.apply(pixels, values)[strip.halo_top : pixels.shape[0] - strip.halo_bottom]
+
+    def pack(self, result: Any) -> dict[str, Any]:
+        """What a strip task returns (bytes and plain values only: it travels as msgpack)."""
+        return {"pixels": codec.encode_strip(result, Codec.lossless, 0)}
+
+    def stitch(self, parts: list[dict[str, Any]], width: int, channels: int) -> dict[str, Any]:
+        """The chord callback's work on strip results that tile the image, top to bottom.
+
+        Raises `codec.CodecError` on a corrupt part.
+        """
+        rows = [codec.decode_strip(p["pixels"], Codec.lossless, p["row1"] - p["row0"], width, channels) for p in parts]
+        return {"pixels": codec.encode_strip(np.concatenate(rows), Codec.lossless, 0)}
+
+    def collect(self, stitched: dict[str, Any], height: int, width: int, channels: int) -> np.ndarray:
+        """The output image from the stitch task's result: (H, W) or (H, W, 3) uint8."""
+        return codec.decode_strip(stitched["pixels"], Codec.lossless, height, width, channels)

@@ -1,0 +1,125 @@
+"""The operation registry, in process: every operation's strip path equals its whole-image call."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from conftest import synthetic
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from luminagrid import codec, ops, strips
+from luminagrid.codec import Codec
+from luminagrid.errors import InputError
+
+#: Small parameter sets per operation, chosen to stress halos (big windows) and to stay fast.
+PARAMS = {
+    "canny": st.fixed_dictionaries({"low": st.integers(0, 150), "high": st.integers(150, 400)}),
+    "gaussian": st.fixed_dictionaries({"sigma": st.floats(0.1, 6.0)}),
+    "bilateral": st.fixed_dictionaries(
+        {"d": st.integers(1, 15), "sigma_color": st.floats(1, 200), "sigma_space": st.floats(1, 200)}
+    ),
+    "denoise": st.fixed_dictionaries(
+        {"h": st.floats(1, 30), "template_window": st.sampled_from([1, 3, 5, 7]),
+         "search_window": st.sampled_from([1, 5, 11, 21])}
+    ),
+}
+
+
+def distributed_in_process(op: ops.Operation, pixels: np.ndarray, count: int, values: ops.Values) -> np.ndarray:
+    """What the workers and the stitch compute, without Celery: strip by strip, then stitched."""
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    parts = []
+    for s in strips.plan_strips(height, count, strips.halo_for(op.halo_rows(values))):
+        packed = op.pack(op.compute(pixels[s.top:s.bottom], s, height, values))
+        parts.append({**packed, "index": s.index, "row0": s.row0, "row1": s.row1})
+    return op.collect(op.stitch(parts, width, channels), height, width, channels)
+
+
+@pytest.mark.parametrize("name", list(ops.REGISTRY))
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), height=st.integers(1, 120), width=st.integers(1, 90), channels=st.sampled_from([1, 3]),
+       count=st.integers(1, 16))
+def test_every_operation_on_strips_equals_the_whole_image_call(
+    name: str, data: st.DataObject, height: int, width: int, channels: int, count: int
+) -> None:
+    op = ops.get(name)
+    values = op.values(data.draw(PARAMS[name]))
+    pixels = op.prepare(synthetic(data.draw(st.integers(0, 2**31)), height, width, channels))
+    assert np.array_equal(distributed_in_process(op, pixels, count, values), op.apply(pixels, values))
+
+
+def test_operations_compute_in_colour_where_they_can_and_canny_in_gray() -> None:
+    image = synthetic(3, 40, 30, channels=3)
+    assert ops.get("canny").prepare(image).shape == (40, 30)
+    for name in ("gaussian", "bilateral", "denoise"):
+        out = distributed_in_process(ops.get(name), ops.get(name).prepare(image), 3, ops.get(name).values({}))
+        assert out.shape == (40, 30, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "call"),
+    [
+        ("canny", {"low": 30, "high": 90}, lambda a: cv2.Canny(a, 30, 90)),
+        ("gaussian", {"sigma": 2.5}, lambda a: cv2.GaussianBlur(a, (0, 0), 2.5)),
+        ("bilateral", {"d": 9, "sigma_color": 75, "sigma_space": 75}, lambda a: cv2.bilateralFilter(a, 9, 75, 75)),
+        ("denoise", {"h": 10}, lambda a: cv2.fastNlMeansDenoising(a, None, 10, 7, 21) if a.ndim == 2
+         else cv2.fastNlMeansDenoisingColored(a, None, 10, 10, 7, 21)),
+    ],
+)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_each_operation_is_the_opencv_call_it_names(name: str, values: dict, call, channels: int) -> None:
+    op = ops.get(name)
+    pixels = op.prepare(synthetic(11, 97, 83, channels))
+    assert np.array_equal(distributed_in_process(op, pixels, 5, op.values(values)), call(pixels))
+
+
+@pytest.mark.parametrize("name", ["gaussian", "bilateral", "denoise"])
+def test_a_halo_one_row_short_of_the_declared_one_would_leave_seams(name: str) -> None:
+    """Guard: the declared halos are needed, so the equality tests above can fail."""
+    op = ops.get(name)
+    values = op.values({"sigma": 3.0} if name == "gaussian" else {})
+    pixels = op.prepare(synthetic(1, 203, 157, 3))
+    # Gaussian's outermost taps round to 0 in OpenCV's fixed point, so the test cuts deeper there.
+    halo = op.halo_rows(values) - 1 if name != "gaussian" else op.halo_rows(values) - 3
+    whole = op.apply(pixels, values)
+    seams = 0
+    for cut in range(32, 180, 16):
+        top = op.apply(pixels[: cut + halo], values)[:cut]
+        bottom = op.apply(pixels[cut - halo:], values)[halo:]
+        seams += not np.array_equal(np.concatenate([top, bottom]), whole)
+    assert seams > 0
+
+
+def test_colour_jpeg_strips_decode_to_the_rows_of_the_whole_image_jpeg() -> None:
+    """Colour JPEG is 4:4:4, so strips on the 8-row grid decode exactly like the whole image."""
+    image = synthetic(8, 203, 157, channels=3)
+    whole = codec.jpeg_roundtrip(image, 90)
+    plan = strips.plan_strips(203, 7, 8)
+    parts = [codec.decode_strip(codec.encode_strip(image[s.top:s.bottom], Codec.jpeg, 90), Codec.jpeg,
+                                s.bottom - s.top, 157, 3)[s.halo_top:s.bottom - s.top - s.halo_bottom] for s in plan]
+    assert np.array_equal(np.concatenate(parts), whole)
+
+
+@pytest.mark.parametrize(
+    ("name", "given", "message"),
+    [
+        ("bilateral", {"sigma": "2"}, "--op bilateral has no parameter 'sigma'; its parameters are: d, sigma_color, sigma_space."),
+        ("bilateral", {"d": "nine"}, "--op bilateral: parameter d='nine' is not a whole number; use a whole number from 1 to 31"),
+        ("bilateral", {"d": "40"}, "--op bilateral: parameter d='40' is out of range; use a whole number from 1 to 31"),
+        ("denoise", {"search_window": "20"}, "parameter search_window='20' is out of range; use an odd whole number from 1 to 35"),
+        ("gaussian", {"sigma": "nan"}, "parameter sigma='nan' is out of range; use a number from 0.1 to 50"),
+        ("canny", {"low": "300", "high": "200"}, "--op canny: low 300 is above high 200; make low <= high."),
+    ],
+)
+def test_bad_parameters_are_refused_with_the_value_and_the_fix(name: str, given: dict, message: str) -> None:
+    with pytest.raises(InputError) as caught:
+        ops.get(name).values(given)
+    assert message in str(caught.value)
+
+
+def test_an_unknown_operation_lists_the_known_ones() -> None:
+    with pytest.raises(InputError, match="unknown operation --op 'sharpen'; choose one of: canny, gaussian, bilateral, denoise"):
+        ops.get("sharpen")
