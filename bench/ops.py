@@ -8,7 +8,8 @@ Starts its own Redis and 2 local workers (one pool process each, OpenCV pinned t
 always in workers), builds photo-like inputs from examples/coffee.png (with sensor-like noise for
 `denoise`), then measures, interleaving candidates so machine drift hits all alike:
 
-1. per operation: the in-process OpenCV call with OpenCV's default threading (all cores) vs
+1. per operation: the in-process OpenCV call with OpenCV's default threading (all cores), and
+   with one thread (what OpenCV's own threading gains bounds what 2 workers can gain over it), vs
    `luminagrid.submit(array, op=...).wait()` (lossless, so the output is bit-identical) with 2
    workers and with 1 worker (the other's consumer is cancelled over Celery's remote control);
 2. a batch of N 1920x1080 PNG files: a single-process loop (read, operation, write PNG; default
@@ -87,7 +88,7 @@ def consuming(worker: str, on: bool) -> None:
 
 
 def interleaved_with_setup(
-    candidates: dict[str, tuple[Callable[[], None], Callable[[], object]]], repeats: int
+    candidates: dict[str, tuple[Callable[[], object], Callable[[], object]]], repeats: int
 ) -> dict[str, list[float]]:
     """Like `run.interleaved`, with an untimed set-up before each timed call."""
     untimed = {name: (lambda s=setup, f=fn: (s(), f())) for name, (setup, fn) in candidates.items()}
@@ -112,21 +113,28 @@ def measure_op(cluster: LocalCluster, name: str, width: int, height: int, mode: 
     whole = op.apply(image, values)
     second = cluster.nodes[1].name
     strips_used: list[int] = []
+    outputs: list[np.ndarray] = []
 
     def distributed() -> None:
         job = luminagrid.submit(image, op=name, codec="lossless")
-        result = job.wait(900)
+        outputs.append(job.wait(900).image)
         strips_used.append(job.strip_count)
-        assert np.array_equal(result.image, whole), "distributed output differs from the in-process call"
 
     # (set-up outside the timing, candidate): the second worker's consumer is switched untimed.
-    candidates: dict[str, tuple[Callable[[], None], Callable[[], object]]] = {
-        "in-process (OpenCV threads)": (lambda: None, lambda: op.apply(image, values)),
+    threads = cv2.getNumThreads()
+    candidates: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {
+        "in-process (OpenCV threads)": (lambda: cv2.setNumThreads(threads), lambda: op.apply(image, values)),
+        # OpenCV's own threading gain bounds what 2 single-threaded workers can gain over it.
+        "in-process (1 thread)": (lambda: cv2.setNumThreads(1), lambda: op.apply(image, values)),
         "1 worker": (lambda: consuming(second, False), distributed),
         "2 workers": (lambda: consuming(second, True), distributed),
     }
-    samples = interleaved_with_setup(candidates, repeats)
+    try:
+        samples = interleaved_with_setup(candidates, repeats)
+    finally:
+        cv2.setNumThreads(threads)
     consuming(second, True)
+    assert all(np.array_equal(out, whole) for out in outputs), "a distributed output differs from the in-process call"
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {
         "op": name, "mode": mode, "size": [width, height], "strips": strips_used[-1],
@@ -135,6 +143,7 @@ def measure_op(cluster: LocalCluster, name: str, width: int, height: int, mode: 
             "2 workers vs 1 worker": med["1 worker"] / med["2 workers"],
             "2 workers vs in-process": med["in-process (OpenCV threads)"] / med["2 workers"],
             "1 worker vs in-process": med["in-process (OpenCV threads)"] / med["1 worker"],
+            "OpenCV threads vs 1 thread": med["in-process (1 thread)"] / med["in-process (OpenCV threads)"],
         },
     }
 
@@ -176,13 +185,14 @@ def measure_batch(cluster: LocalCluster, work: Path, name: str, count: int, widt
 def print_report(report: dict) -> None:
     print(f"\nheavy operations, lossless, {report['repeats']} repeats, medians; "
           f"in-process uses OpenCV's default threading ({report['opencv_threads']} threads)")
-    print(f"{'op':10s} {'mode':5s} {'size':>10s} {'strips':>6s} {'in-proc s':>9s} {'1 wkr s':>8s} {'2 wkr s':>8s} "
-          f"{'2w/1w':>6s} {'2w/in-proc':>10s}")
+    print(f"{'op':10s} {'mode':5s} {'size':>10s} {'strips':>6s} {'in-proc s':>9s} {'1 thread s':>10s} {'1 wkr s':>8s} "
+          f"{'2 wkr s':>8s} {'2w/1w':>6s} {'2w/in-proc':>10s} {'threads gain':>12s}")
     for r in report["ops"]:
         m, q = r["median_s"], r["ratios"]
         print(f"{r['op']:10s} {r['mode']:5s} {'x'.join(map(str, r['size'])):>10s} {r['strips']:6d} "
-              f"{m['in-process (OpenCV threads)']:9.2f} {m['1 worker']:8.2f} {m['2 workers']:8.2f} "
-              f"{q['2 workers vs 1 worker']:5.2f}x {q['2 workers vs in-process']:9.2f}x")
+              f"{m['in-process (OpenCV threads)']:9.2f} {m['in-process (1 thread)']:10.2f} {m['1 worker']:8.2f} "
+              f"{m['2 workers']:8.2f} {q['2 workers vs 1 worker']:5.2f}x {q['2 workers vs in-process']:9.2f}x "
+              f"{q['OpenCV threads vs 1 thread']:11.2f}x")
     print(f"targets: 2 workers >= {TARGETS['2 workers vs 1 worker']}x of 1 worker; "
           f">= {TARGETS['2 workers vs in-process']}x faster than in-process")
     for b in report["batches"]:

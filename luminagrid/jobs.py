@@ -31,10 +31,10 @@ import redis
 from celery import chord
 from celery.canvas import Signature
 
-from luminagrid import broker, codec, images, messages, ops, strips
+from luminagrid import broker, claims, codec, images, messages, ops, strips
 from luminagrid.app import app
 from luminagrid.codec import Codec
-from luminagrid.errors import BrokerUnreachable, InputError, JobFailed, JobNotFound, JobTimeout
+from luminagrid.errors import BrokerUnreachable, InputError, JobFailed, JobNotFound, JobTimeout, MessageError
 from luminagrid.settings import KEY_PREFIX, QUEUE, Settings
 from luminagrid.stages import Stages
 from luminagrid.tasks import run_strip, stitch
@@ -386,7 +386,13 @@ class Job:
 
     def _collect(self, meta: dict[str, Any], wall_s: float) -> JobResult:
         spec = self.spec
-        image = spec.operation.collect(meta, spec.height, spec.width, spec.channels)
+        limit = spec.height * spec.width * spec.channels + messages.PAYLOAD_SLACK_BYTES
+        try:
+            meta = {k: claims.redeem(v, claims.key_for(spec.id, "out", spec.strips, k), limit, f"job {self.id} output")
+                    if isinstance(v, dict) and "claim" in v else v for k, v in meta.items()}
+            image = spec.operation.collect(meta, spec.height, spec.width, spec.channels)
+        except (MessageError, codec.CodecError) as exc:
+            raise JobFailed(f"job {self.id} finished but its output cannot be read: {exc}") from None
         seconds = meta.get("seconds") or {}
         stitch_s = float(seconds.get("stitch", 0.0))
         self.stages.add("compute", max(0.0, wall_s - stitch_s))
@@ -402,7 +408,8 @@ class Job:
         """Delete this job's results and record from Redis (else they expire after a day)."""
         backend = app.backend
         ids = [self.id, *(self.strip_task_id(i) for i in range(self.strip_count))]
-        backend.client.delete(_key(self.id), *(backend.get_key_for_task(t) for t in ids))
+        backend.client.delete(_key(self.id), *(backend.get_key_for_task(t) for t in ids),
+                              *claims.keys_of(self.id, self.strip_count, self.spec.operation.fields))
 
 
 class Waiter:
@@ -527,6 +534,10 @@ def submit_pixels(
             payloads = list(pool.map(lambda s: codec.encode_strip(pixels[s.top:s.bottom], params.codec, params.quality), plan))
     try:
         job.save_record(settings.result_ttl_s)
+        with job.stages.timed("publish"):  # large payloads wait in Redis as claims (`claims`)
+            payloads = claims.offload_many(
+                ((p, claims.key_for(job.id, "in", s.index)) for p, s in zip(payloads, plan)), settings
+            )
         job.signatures = [
             run_strip.signature(
                 (message, messages.strip_message(s), payload),

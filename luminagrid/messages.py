@@ -3,7 +3,7 @@
 A strip task gets three arguments (msgpack, never pickle):
 - `job`: {"id", "op", "params", "width", "height", "channels", "strips", "codec", "quality"}
 - `strip`: {"index", "row0", "row1", "top", "bottom"} (see `strips.Strip`)
-- `payload`: the strip's encoded pixels (`codec.encode_strip`)
+- `payload`: the strip's encoded pixels (`codec.encode_strip`), inline or as a claim (`claims`)
 
 Anything can be published onto a Redis queue, so a worker trusts none of it: `validate` checks
 types, ranges and sizes before a byte is decoded, and raises `MessageError` naming the problem.
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from luminagrid import ops, strips
+from luminagrid import claims, ops, strips
 from luminagrid.codec import Codec
 from luminagrid.errors import InputError, MessageError
 
@@ -119,12 +119,6 @@ def parse_strip(strip: Any, job: JobSpec) -> strips.Strip:
 
 
 def check_payload(payload: Any, s: strips.Strip, job: JobSpec) -> bytes:
-    if not isinstance(payload, bytes):
-        raise MessageError(f"job {job.id} strip {s.index}: payload is {type(payload).__name__}, not bytes")
+    """The strip's encoded bytes: inline, or fetched from its claim key (`claims`), size-checked."""
     limit = (s.bottom - s.top) * job.width * job.channels + PAYLOAD_SLACK_BYTES
-    if len(payload) > limit:
-        raise MessageError(
-            f"job {job.id} strip {s.index}: payload of {len(payload)} bytes exceeds {limit} "
-            f"for {s.bottom - s.top}x{job.width}x{job.channels} samples"
-        )
-    return payload
+    return claims.redeem(payload, claims.key_for(job.id, "in", s.index), limit, f"job {job.id} strip {s.index}")

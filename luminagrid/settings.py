@@ -49,6 +49,8 @@ class Settings:
     visibility_timeout_s: int = 60
     #: Deliveries of one strip that each killed its worker process, before the job fails.
     max_deliveries: int = 3
+    #: Byte strings (strip payloads and outputs) above this size travel as claim checks (`claims`).
+    inline_max_bytes: int = 256 * 1024
 
     @property
     def soft_time_limit_s(self) -> float:
@@ -72,4 +74,5 @@ class Settings:
             result_ttl_s=_int("LUMINAGRID_RESULT_TTL_S", cls.result_ttl_s, 60),
             visibility_timeout_s=_int("LUMINAGRID_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, 5),
             max_deliveries=_int("LUMINAGRID_MAX_DELIVERIES", cls.max_deliveries, 1),
+            inline_max_bytes=_int("LUMINAGRID_INLINE_MAX_BYTES", cls.inline_max_bytes, 0),
         )

@@ -16,7 +16,7 @@ import redis
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from luminagrid import codec, messages
+from luminagrid import claims, codec, messages
 from luminagrid.app import app
 from luminagrid.errors import MessageError
 from luminagrid.settings import Settings
@@ -59,7 +59,9 @@ def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
     t1 = time.perf_counter()
     result = op.compute(pixels, s, spec.height, spec.params)
     t2 = time.perf_counter()
-    packed = op.pack(result)
+    # Large outputs (local operations' pixels) wait in Redis; the chord carries only their keys.
+    packed = {k: claims.offload(v, claims.key_for(spec.id, "out", s.index, k), SETTINGS) if isinstance(v, bytes) else v
+              for k, v in op.pack(result).items()}
     return {
         **packed,
         "index": s.index,
@@ -68,6 +70,14 @@ def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
         "worker": _worker_name(self),
         "seconds": {"decode": t1 - t0, "compute": t2 - t1, "pack": time.perf_counter() - t2},
     }
+
+
+def _redeemed(part: dict[str, Any], spec: messages.JobSpec) -> dict[str, Any]:
+    """A strip result with its claims replaced by their bytes."""
+    index = part["index"]
+    limit = (part["row1"] - part["row0"]) * spec.width * spec.channels + messages.PAYLOAD_SLACK_BYTES
+    return {k: claims.redeem(v, claims.key_for(spec.id, "out", index, k), limit, f"job {spec.id} strip {index} result")
+            if isinstance(v, dict) and "claim" in v else v for k, v in part.items()}
 
 
 @app.task(name="luminagrid.stitch", bind=True, **_RETRY)
@@ -81,10 +91,13 @@ def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
         raise MessageError(f"job {spec.id}: got strips {[p['index'] for p in parts]}, expected {spec.strips}")
     if [p["row0"] for p in parts] != [0, *(p["row1"] for p in parts[:-1])] or parts[-1]["row1"] != height:
         raise MessageError(f"job {spec.id}: strips do not tile rows 0-{height}")
+    parts = [_redeemed(p, spec) for p in parts]
     try:
         stitched = spec.operation.stitch(parts, width, spec.channels)
     except codec.CodecError as exc:
         raise MessageError(f"job {spec.id}: a strip result is corrupt: {exc}") from None
+    stitched = {k: claims.offload(v, claims.key_for(spec.id, "out", spec.strips, k), SETTINGS) if isinstance(v, bytes)
+                else v for k, v in stitched.items()}
     strip_seconds = [p.get("seconds") or {} for p in parts]
     return {
         **stitched,

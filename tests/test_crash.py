@@ -40,10 +40,19 @@ def faulty_cluster(max_deliveries: int = 3, worker_args: list[str] | None = None
             "LUMINAGRID_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
             "LUMINAGRID_MAX_DELIVERIES": str(max_deliveries),
             "LUMINAGRID_TEST_STRIP_DELAY_S": str(STRIP_DELAY_S),
+            "LUMINAGRID_INLINE_MAX_BYTES": "0",
             "PYTHONPATH": str(REPO / "tests"),
         },
         worker_args=["--include", "faults", *(worker_args or [])],
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _every_payload_as_a_claim() -> Iterator[None]:
+    """Strip payloads and outputs all travel as claim checks here, so crashes hit that path too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LUMINAGRID_INLINE_MAX_BYTES", "0")
+        yield
 
 
 @pytest.fixture(scope="module")

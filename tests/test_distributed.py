@@ -110,12 +110,18 @@ def test_more_strips_than_rows_runs_as_few_strips_as_the_height_allows(cluster: 
     assert np.array_equal(job.wait(TIMEOUT_S).edges, reference(image, 5, 10, "lossless", 95))
 
 
-def test_a_finished_job_leaves_no_results_in_redis(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize(
+    ("op", "size"),
+    [("canny", 64), ("canny", 1200), ("bilateral", 700)],  # larger ones travel as claim checks
+)
+def test_a_finished_job_leaves_no_results_in_redis(cluster: LocalCluster, op: str, size: int) -> None:
     from luminagrid import broker
 
-    job = luminagrid.submit(synthetic(11, 64, 64), strips=4)
-    job.wait(TIMEOUT_S)
+    job = luminagrid.submit(synthetic(11, size, size, 3), op=op, strips=4, codec="lossless")
     with broker.client(cluster.url) as r:
+        claimed = r.keys(f"luminagrid:in:{job.id}:*:payload")
+        assert len(claimed) == (4 if size > 300 else 0)
+        job.wait(TIMEOUT_S)
         assert not r.keys(f"*{job.id}*")
 
 

@@ -262,6 +262,9 @@ class Exploit:
         ({**JOB, "channels": 3}, STRIP, b"", "3 channels do not suit operation canny"),
         ({**JOB, "op": "gaussian", "params": {"sigma": 2.0}, "channels": 3}, STRIP, b"\0" * 70_000, "exceeds 66304"),
         (JOB, STRIP, "not bytes", "payload is str, not bytes"),
+        (JOB, STRIP, {"claim": "luminagrid:in:another:0:payload"}, "claim 'luminagrid:in:another:0:payload' is not this strip's"),
+        (JOB, STRIP, {"claim": "luminagrid:in:forged:0:payload"}, "its bytes under luminagrid:in:forged:0:payload are gone"),
+        (JOB, STRIP, {"claim": "luminagrid:in:forged:0:payload", "more": 1}, "payload is dict, not bytes or a claim"),
     ],
 )
 def test_forged_strip_messages_are_rejected_without_harming_the_workers(

@@ -76,6 +76,8 @@ class Operation:
     suffix: ClassVar[str] = ""
     #: pixels per strip when the user does not choose a count (halo work vs load balance)
     strip_pixels: ClassVar[int] = 2_000_000
+    #: the byte fields of what `pack` and `stitch` return (large ones travel as claim checks)
+    fields: ClassVar[tuple[str, ...]] = ("pixels",)
 
     # --- parameters -------------------------------------------------------------------------------
 

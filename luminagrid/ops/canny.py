@@ -26,6 +26,7 @@ class Canny(Operation):
     global_pass = True  # hysteresis links pixels across any distance
     suffix = "edges"
     strip_pixels = 1_000_000  # cheap per pixel: small strips keep latency low
+    fields = ("edges", "pending")
 
     def check(self, values: Values) -> None:
         if values["low"] > values["high"]:

@@ -10,7 +10,7 @@ from luminagrid.ops.base import Operation, Param, Values
 
 def kernel_size(sigma: float) -> int:
     """The kernel OpenCV derives from sigma for 8-bit images (`createGaussianKernels`)."""
-    return int(round(sigma * 3 * 2 + 1)) | 1
+    return round(sigma * 3 * 2 + 1) | 1
 
 
 class Gaussian(Operation):
