@@ -13,8 +13,11 @@ import glob
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from luminagrid import images, jobs, ops
 from luminagrid.errors import LuminagridError
@@ -24,6 +27,9 @@ from luminagrid.settings import Settings
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pgm", ".ppm", ".pbm")
 #: Upper bound on jobs in flight (each holds its strips' payloads until it finishes).
 MAX_IN_FLIGHT = 64
+#: How often a batch looks at its jobs, in seconds: slower than one job's `jobs.POLL_S`, since
+#: many jobs poll at once and a batch cares for throughput, not for milliseconds of latency.
+POLL_S = 0.05
 
 
 @dataclass
@@ -109,6 +115,8 @@ class _Flight:
     job: jobs.Job
     waiter: jobs.Waiter
     started: float
+    #: the output being written (in the writer thread), once the result is in
+    writing: Future[None] | None = None
 
 
 def run(
@@ -124,6 +132,8 @@ def run(
 
     `params` must be validated. `on_change` hears of each item that starts, finishes or fails;
     `on_notice` passes on the watchdog's notes (lost tasks, no workers, Redis outages).
+    Reading the next image and writing finished outputs run in two helper threads (OpenCV's
+    codecs release the GIL), so the submitter's file work overlaps the workers' computing.
     """
     changed = on_change or (lambda _item: None)
     queue = deque(i for i in items if i.state == "waiting")
@@ -132,39 +142,54 @@ def run(
     for item in items:
         if item.state == "failed":
             changed(item)
-    while queue or flying:
-        while queue and len(flying) < max_in_flight:
-            item = queue.popleft()
-            started = time.monotonic()
-            try:
-                assert item.path is not None and item.out is not None
-                images.check_output(item.out, item.path)
-                pixels = jobs.load(item.path, params.operation, settings)
-                item.height, item.width = pixels.shape[:2]
-                job = jobs.submit_pixels(pixels, params, output=str(item.out.resolve()), settings=settings)
-            except LuminagridError as exc:
-                item.fail(str(exc))
-                changed(item)
-                continue
-            del pixels  # the strips are encoded; the job holds what the watchdog may need
-            item.state, item.job_id = "running", job.id
-            notice = (lambda it: lambda text: on_notice(it, text))(item) if on_notice else None
-            flying.append(_Flight(item, job, job.waiter(timeout_s, on_notice=notice), started))
-            peak = max(peak, len(flying))
-            changed(item)
-        for flight in list(flying):
-            try:
-                result = flight.waiter.step()
-                if result is None:
+
+    def load(item: Item) -> np.ndarray:
+        assert item.path is not None and item.out is not None
+        images.check_output(item.out, item.path)
+        return jobs.load(item.path, params.operation, settings)
+
+    with ThreadPoolExecutor(1, "lg-read") as reader, ThreadPoolExecutor(1, "lg-write") as writer:
+        next_read: tuple[Item, Future[np.ndarray]] | None = None
+        while queue or flying or next_read:
+            if next_read is None and queue:
+                item = queue.popleft()
+                next_read = (item, reader.submit(load, item))
+            if next_read is not None and len(flying) < max_in_flight and next_read[1].done():
+                item, loading = next_read
+                next_read = None
+                started = time.monotonic()
+                try:
+                    pixels = loading.result()
+                    item.height, item.width = pixels.shape[:2]
+                    job = jobs.submit_pixels(pixels, params, output=str(item.out.resolve()), settings=settings)  # type: ignore[union-attr]
+                except LuminagridError as exc:
+                    item.fail(str(exc))
+                    changed(item)
                     continue
-                images.write_image_atomic(flight.item.out, result.image)  # type: ignore[arg-type]
-                flight.job.forget()
-                flight.item.state, flight.item.workers = "ok", result.workers
-            except LuminagridError as exc:
-                flight.item.fail(str(exc))
-            flight.item.seconds = time.monotonic() - flight.started
-            flying.remove(flight)
-            changed(flight.item)
-        if flying:
-            time.sleep(jobs.POLL_S)
+                del pixels  # the strips are encoded; the job holds what the watchdog may need
+                item.state, item.job_id = "running", job.id
+                notice = (lambda it: lambda text: on_notice(it, text))(item) if on_notice else None
+                flying.append(_Flight(item, job, job.waiter(timeout_s, on_notice=notice), started))
+                peak = max(peak, len(flying))
+                changed(item)
+                continue  # start the next read at once
+            for flight in list(flying):
+                try:
+                    if flight.writing is None:
+                        result = flight.waiter.step()
+                        if result is not None:
+                            flight.writing = writer.submit(images.write_image_atomic, flight.item.out, result.image)  # type: ignore[arg-type]
+                            flight.item.workers = result.workers
+                        continue
+                    if not flight.writing.done():
+                        continue
+                    flight.writing.result()
+                    flight.job.forget()
+                    flight.item.state = "ok"
+                except LuminagridError as exc:
+                    flight.item.fail(str(exc))
+                flight.item.seconds = time.monotonic() - flight.started
+                flying.remove(flight)
+                changed(flight.item)
+            time.sleep(POLL_S)
     return items, peak

@@ -387,9 +387,15 @@ class Job:
     def _collect(self, meta: dict[str, Any], wall_s: float) -> JobResult:
         spec = self.spec
         limit = spec.height * spec.width * spec.channels + messages.PAYLOAD_SLACK_BYTES
+        def redeemed(value: Any, index: int, field: str) -> Any:
+            if isinstance(value, list):  # one value per strip (local operations)
+                return [redeemed(v, i, field) for i, v in enumerate(value)]
+            if isinstance(value, dict) and "claim" in value:
+                return claims.redeem(value, claims.key_for(spec.id, "out", index, field), limit, f"job {self.id} output")
+            return value
+
         try:
-            meta = {k: claims.redeem(v, claims.key_for(spec.id, "out", spec.strips, k), limit, f"job {self.id} output")
-                    if isinstance(v, dict) and "claim" in v else v for k, v in meta.items()}
+            meta = {k: redeemed(v, spec.strips, k) for k, v in meta.items()}
             image = spec.operation.collect(meta, spec.height, spec.width, spec.channels)
         except (MessageError, codec.CodecError) as exc:
             raise JobFailed(f"job {self.id} finished but its output cannot be read: {exc}") from None

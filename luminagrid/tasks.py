@@ -80,6 +80,18 @@ def _redeemed(part: dict[str, Any], spec: messages.JobSpec) -> dict[str, Any]:
             if isinstance(v, dict) and "claim" in v else v for k, v in part.items()}
 
 
+def _check_claims(parts: list[dict[str, Any]], spec: messages.JobSpec) -> None:
+    """Every claimed strip output is still in Redis, and no larger than its strip can be."""
+    client = app.backend.client
+    for p in parts:
+        limit = (p["row1"] - p["row0"]) * spec.width * spec.channels + messages.PAYLOAD_SLACK_BYTES
+        for field, value in p.items():
+            if isinstance(value, dict) and "claim" in value:
+                key = claims.key_for(spec.id, "out", p["index"], field)
+                if value != {"claim": key} or not 0 < client.strlen(key) <= limit:
+                    raise MessageError(f"job {spec.id}: strip {p['index']}'s {field} is not at {key} (or too large)")
+
+
 @app.task(name="luminagrid.stitch", bind=True, **_RETRY)
 def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
     """Chord callback: check that the strips tile the image, then the operation's stitch step."""
@@ -91,7 +103,10 @@ def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
         raise MessageError(f"job {spec.id}: got strips {[p['index'] for p in parts]}, expected {spec.strips}")
     if [p["row0"] for p in parts] != [0, *(p["row1"] for p in parts[:-1])] or parts[-1]["row1"] != height:
         raise MessageError(f"job {spec.id}: strips do not tile rows 0-{height}")
-    parts = [_redeemed(p, spec) for p in parts]
+    if spec.operation.global_pass:  # it needs the strips' bytes; a local operation only their order
+        parts = [_redeemed(p, spec) for p in parts]
+    else:
+        _check_claims(parts, spec)
     try:
         stitched = spec.operation.stitch(parts, width, spec.channels)
     except codec.CodecError as exc:

@@ -39,7 +39,7 @@ def distributed_in_process(op: ops.Operation, pixels: np.ndarray, count: int, va
 
 
 @pytest.mark.parametrize("name", list(ops.REGISTRY))
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(data=st.data(), height=st.integers(1, 120), width=st.integers(1, 90), channels=st.sampled_from([1, 3]),
        count=st.integers(1, 16))
 def test_every_operation_on_strips_equals_the_whole_image_call(

@@ -8,7 +8,8 @@ An operation is a small object (one module under `luminagrid/ops/`) that says:
 
 The default strip path suits any *local* operation, whose output pixel depends only on input
 pixels within `halo_rows` of it: run `apply` on the strip plus its halo, crop the halo, ship the
-rows losslessly; the stitch concatenates them. Then the output equals `apply` on the whole image,
+rows losslessly; the stitch checks that the strips tile the image and the client writes their rows
+into one array. Then the output equals `apply` on the whole image,
 provided `apply` treats the image's own top and bottom edge the same way wherever it is called
 (OpenCV's border modes do). Operations with a global pass override `compute`, `pack`, `stitch`
 and `collect`.
@@ -122,11 +123,20 @@ class Operation:
     def stitch(self, parts: list[dict[str, Any]], width: int, channels: int) -> dict[str, Any]:
         """The chord callback's work on strip results that tile the image, top to bottom.
 
+        A local operation has nothing left to compute: the strips' outputs are handed on in order
+        (bytes or claim checks, not decoded here) and `collect` writes them into one image.
         Raises `codec.CodecError` on a corrupt part.
         """
-        rows = [codec.decode_strip(p["pixels"], Codec.lossless, p["row1"] - p["row0"], width, channels) for p in parts]
-        return {"pixels": codec.encode_strip(np.concatenate(rows), Codec.lossless, 0)}
+        return {"pixels": [p["pixels"] for p in parts], "rows": [p["row1"] - p["row0"] for p in parts]}
 
     def collect(self, stitched: dict[str, Any], height: int, width: int, channels: int) -> np.ndarray:
         """The output image from the stitch task's result: (H, W) or (H, W, 3) uint8."""
-        return codec.decode_strip(stitched["pixels"], Codec.lossless, height, width, channels)
+        rows = [int(r) for r in stitched["rows"]]
+        if sum(rows) != height or len(rows) != len(stitched["pixels"]):
+            raise codec.CodecError(f"strip outputs of {rows} rows do not make {height} rows")
+        image = np.empty(codec.shape_of(height, width, channels), np.uint8)
+        top = 0
+        for data, count in zip(stitched["pixels"], rows):
+            image[top : top + count] = codec.decode_strip(data, Codec.lossless, count, width, channels)
+            top += count
+        return image
