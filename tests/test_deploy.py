@@ -78,3 +78,12 @@ def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
     shutil.copy(REPO / ".env.example", tmp_path / ".env")
     proc = subprocess.run(["docker", "compose", "config", "--quiet"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_non_editable_install_ships_every_subpackage() -> None:
+    """`pip install .` (the Docker image) installs only the packages pyproject.toml lists."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "luminagrid").rglob("__init__.py")}
+    assert found == listed
