@@ -23,7 +23,7 @@ from rich.table import Table
 from luminagrid import batch, broker, images, jobs, local, monitor, ops
 from luminagrid.app import use_broker
 from luminagrid.codec import Codec
-from luminagrid.errors import EmbeddedError, InputError, LuminagridError, OutputError
+from luminagrid.errors import EmbeddedError, InputError, JobFailed, LuminagridError, OutputError
 from luminagrid.settings import Settings
 from luminagrid.stages import Stages
 
@@ -120,12 +120,16 @@ def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str) -> j
     )
     with progress:
         bar = progress.add_task("strips", total=job.strip_count)
-        result = job.wait(
-            timeout_s,
-            on_progress=lambda done, _total: progress.update(bar, completed=done),
-            on_notice=lambda text: err.print(f"note: {text}", markup=False),
-            forget=False,
-        )
+        try:
+            result = job.wait(
+                timeout_s,
+                on_progress=lambda done, _total: progress.update(bar, completed=done),
+                on_notice=lambda text: err.print(f"note: {text}", markup=False),
+                forget=False,
+            )
+        except JobFailed:
+            job.forget_quietly()  # its payloads need not wait for the TTL; a timeout stays collectable
+            raise
     with result.stages.timed("write"):
         images.write_image_atomic(out, result.image)
     job.forget()
@@ -235,6 +239,8 @@ def submit(
     single = batch.is_single(sources)
     if out is not None and not single:
         raise OutputError("-o names one output file; with several images (or a folder or glob) use --out-dir DIR.")
+    if out is not None and out_dir is not None:
+        raise OutputError("-o and --out-dir both say where the output goes; give one of them.")
     if out_dir is not None:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)

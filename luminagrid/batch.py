@@ -17,10 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from luminagrid import images, jobs, ops
-from luminagrid.errors import LuminagridError
+from luminagrid.errors import JobFailed, LuminagridError
 from luminagrid.settings import Settings
 
 #: Files a folder contributes (by suffix, case-insensitive); outputs of any operation are skipped.
@@ -70,6 +68,9 @@ def is_single(args: list[str]) -> bool:
 def expand(args: Iterable[str], suffix: str, out_dir: Path | None = None) -> list[Item]:
     """Items for files, folders (their images, not recursive) and glob patterns, in order.
 
+    Folders and patterns skip luminagrid's own outputs (`photo.edges.png`); a file named
+    explicitly is always taken.
+
     An argument that names nothing becomes a failed item, as does an image whose output path
     another image of the batch already claims. Duplicates of the same file are dropped.
     """
@@ -91,14 +92,19 @@ def expand(args: Iterable[str], suffix: str, out_dir: Path | None = None) -> lis
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _is_output(p))
+            try:
+                found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _is_output(p))
+            except OSError as exc:
+                items.append(Item(source=arg, path=None, state="failed",
+                                  error=f"{arg}: cannot list the folder ({exc.strerror}); check its permissions."))
+                continue
             if not found:
                 items.append(Item(source=arg, path=None, state="failed",
                                   error=f"{arg} holds no images ({', '.join(IMAGE_SUFFIXES)}); check the folder."))
             for p in found:
                 add(p)
         elif not path.exists() and glob.has_magic(arg):
-            matches = sorted(Path(m) for m in glob.glob(arg) if Path(m).is_file())
+            matches = sorted(Path(m) for m in glob.glob(arg) if Path(m).is_file() and not _is_output(Path(m)))
             if not matches:
                 items.append(Item(source=arg, path=None, state="failed",
                                   error=f"no file matches {arg!r}; check the pattern."))
@@ -132,8 +138,8 @@ def run(
 
     `params` must be validated. `on_change` hears of each item that starts, finishes or fails;
     `on_notice` passes on the watchdog's notes (lost tasks, no workers, Redis outages).
-    Reading the next image and writing finished outputs run in two helper threads (OpenCV's
-    codecs release the GIL), so the submitter's file work overlaps the workers' computing.
+    Finished outputs are written in a helper thread (OpenCV's encoders release the GIL), so the
+    submitter's file work overlaps the workers' computing.
     """
     changed = on_change or (lambda _item: None)
     queue = deque(i for i in items if i.state == "waiting")
@@ -143,25 +149,19 @@ def run(
         if item.state == "failed":
             changed(item)
 
-    def load(item: Item) -> np.ndarray:
-        assert item.path is not None and item.out is not None
-        images.check_output(item.out, item.path)
-        return jobs.load(item.path, params.operation, settings)
-
-    with ThreadPoolExecutor(1, "lg-read") as reader, ThreadPoolExecutor(1, "lg-write") as writer:
-        next_read: tuple[Item, Future[np.ndarray]] | None = None
-        while queue or flying or next_read:
-            if next_read is None and queue:
+    with ThreadPoolExecutor(1, "lg-write") as writer:
+        while queue or flying:
+            if queue and len(flying) < max_in_flight:
+                # Read in this thread: `images.read_image` captures file descriptor 2 while it
+                # decodes, which would swallow (and misread) what other threads print meanwhile.
                 item = queue.popleft()
-                next_read = (item, reader.submit(load, item))
-            if next_read is not None and len(flying) < max_in_flight and next_read[1].done():
-                item, loading = next_read
-                next_read = None
                 started = time.monotonic()
                 try:
-                    pixels = loading.result()
+                    assert item.path is not None and item.out is not None
+                    images.check_output(item.out, item.path)
+                    pixels = jobs.load(item.path, params.operation, settings)
                     item.height, item.width = pixels.shape[:2]
-                    job = jobs.submit_pixels(pixels, params, output=str(item.out.resolve()), settings=settings)  # type: ignore[union-attr]
+                    job = jobs.submit_pixels(pixels, params, output=str(item.out.resolve()), settings=settings)
                 except LuminagridError as exc:
                     item.fail(str(exc))
                     changed(item)
@@ -172,7 +172,6 @@ def run(
                 flying.append(_Flight(item, job, job.waiter(timeout_s, on_notice=notice), started))
                 peak = max(peak, len(flying))
                 changed(item)
-                continue  # start the next read at once
             for flight in list(flying):
                 try:
                     if flight.writing is None:
@@ -186,7 +185,10 @@ def run(
                     flight.writing.result()
                     flight.job.forget()
                     flight.item.state = "ok"
-                except LuminagridError as exc:
+                except JobFailed as exc:
+                    flight.item.fail(str(exc))
+                    flight.job.forget_quietly()  # a failed job's payloads need not wait for the TTL
+                except LuminagridError as exc:  # a timeout stays collectable with `cli.py result`
                     flight.item.fail(str(exc))
                 flight.item.seconds = time.monotonic() - flight.started
                 flying.remove(flight)

@@ -1,4 +1,4 @@
-"""Reading input images, converting them to 8-bit gray, and writing outputs atomically."""
+"""Reading input images, converting them to 8-bit gray or BGR, and writing outputs atomically."""
 
 from __future__ import annotations
 
@@ -23,12 +23,15 @@ def read_image(path: Path, max_pixels: int) -> np.ndarray:
 
     EXIF orientation is applied; alpha is dropped (it does not enter the gray conversion).
     """
-    if not path.exists():
-        raise InputError(f"{path}: no such file; check the path.")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory; give an image file.")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path} is empty (0 bytes); give an image file.")
+    try:
+        if not path.exists():
+            raise InputError(f"{path}: no such file; check the path.")
+        if path.is_dir():
+            raise InputError(f"{path} is a directory; give an image file.")
+        if path.stat().st_size == 0:
+            raise InputError(f"{path} is empty (0 bytes); give an image file.")
+    except OSError as exc:  # e.g. a folder on the way that we may not enter
+        raise InputError(f"{path}: cannot read it ({exc.strerror}); check its permissions.") from None
     with _stderr_captured() as diagnostics:
         try:
             image = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)

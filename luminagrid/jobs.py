@@ -386,7 +386,7 @@ class Job:
 
     def _collect(self, meta: dict[str, Any], wall_s: float) -> JobResult:
         spec = self.spec
-        limit = spec.height * spec.width * spec.channels + messages.PAYLOAD_SLACK_BYTES
+        limit = messages.result_limit(spec.height, spec)
         def redeemed(value: Any, index: int, field: str) -> Any:
             if isinstance(value, list):  # one value per strip (local operations)
                 return [redeemed(v, i, field) for i, v in enumerate(value)]
@@ -409,6 +409,13 @@ class Job:
             job_id=self.id, image=image, workers=dict(meta["workers"]), stitched_by=str(meta["stitched_by"]),
             wall_s=wall_s, republished=self.republished, stages=self.stages,
         )
+
+    def forget_quietly(self) -> None:
+        """`forget`, for clean-up after a failure: a Redis error here changes nothing."""
+        try:
+            self.forget()
+        except REDIS_ERRORS:
+            pass
 
     def forget(self) -> None:
         """Delete this job's results and record from Redis (else they expire after a day)."""

@@ -5,8 +5,9 @@ A strip task gets three arguments (msgpack, never pickle):
 - `strip`: {"index", "row0", "row1", "top", "bottom"} (see `strips.Strip`)
 - `payload`: the strip's encoded pixels (`codec.encode_strip`), inline or as a claim (`claims`)
 
-Anything can be published onto a Redis queue, so a worker trusts none of it: `validate` checks
-types, ranges and sizes before a byte is decoded, and raises `MessageError` naming the problem.
+Anything can be published onto a Redis queue, so a worker trusts none of it: `parse_job`,
+`parse_strip` and `check_payload` check types, ranges and sizes before a byte is decoded, and raise
+`MessageError` naming the problem.
 """
 
 from __future__ import annotations
@@ -118,7 +119,15 @@ def parse_strip(strip: Any, job: JobSpec) -> strips.Strip:
     return s
 
 
+def result_limit(rows: int, job: JobSpec) -> int:
+    """Most bytes any field of a result for `rows` rows can hold: Canny's pending pixels take
+    8 bytes each (before LZ4), an image row `width * channels`."""
+    return 8 * rows * job.width * job.channels + PAYLOAD_SLACK_BYTES
+
+
 def check_payload(payload: Any, s: strips.Strip, job: JobSpec) -> bytes:
     """The strip's encoded bytes: inline, or fetched from its claim key (`claims`), size-checked."""
-    limit = (s.bottom - s.top) * job.width * job.channels + PAYLOAD_SLACK_BYTES
+    raw = (s.bottom - s.top) * job.width * job.channels
+    # JPEG at quality 100 can be larger than the raw samples (measured: 1.3x on noise).
+    limit = (2 * raw if job.codec is Codec.jpeg else raw) + PAYLOAD_SLACK_BYTES
     return claims.redeem(payload, claims.key_for(job.id, "in", s.index), limit, f"job {job.id} strip {s.index}")

@@ -1,9 +1,9 @@
 """Cutting an image into horizontal strips with halos, and putting them back.
 
 Every strip boundary and every halo edge lies on a multiple of `ALIGN_ROWS` (8) rows, or on the
-image's own top or bottom. That alignment is what makes JPEG transport exact: a grayscale JPEG
-decodes block by block (8x8), so a strip's JPEG decodes to exactly the rows a whole-image JPEG
-would (FIELD-NOTES section 3).
+image's own top or bottom. That alignment is what makes JPEG transport exact: a gray JPEG, or a
+colour one without chroma subsampling (4:4:4, as `codec` writes it), decodes block by block (8x8),
+so a strip's JPEG decodes to exactly the rows a whole-image JPEG would (FIELD-NOTES section 3).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
 def _redeemed(part: dict[str, Any], spec: messages.JobSpec) -> dict[str, Any]:
     """A strip result with its claims replaced by their bytes."""
     index = part["index"]
-    limit = (part["row1"] - part["row0"]) * spec.width * spec.channels + messages.PAYLOAD_SLACK_BYTES
+    limit = messages.result_limit(part["row1"] - part["row0"], spec)
     return {k: claims.redeem(v, claims.key_for(spec.id, "out", index, k), limit, f"job {spec.id} strip {index} result")
             if isinstance(v, dict) and "claim" in v else v for k, v in part.items()}
 
@@ -84,7 +84,7 @@ def _check_claims(parts: list[dict[str, Any]], spec: messages.JobSpec) -> None:
     """Every claimed strip output is still in Redis, and no larger than its strip can be."""
     client = app.backend.client
     for p in parts:
-        limit = (p["row1"] - p["row0"]) * spec.width * spec.channels + messages.PAYLOAD_SLACK_BYTES
+        limit = messages.result_limit(p["row1"] - p["row0"], spec)
         for field, value in p.items():
             if isinstance(value, dict) and "claim" in value:
                 key = claims.key_for(spec.id, "out", p["index"], field)

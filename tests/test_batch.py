@@ -104,3 +104,11 @@ def test_a_batch_keeps_at_most_the_requested_number_of_jobs_in_flight(cluster: L
     for i in range(6):
         img = cv2.imread(str(tmp_path / f"p{i}.png"))
         assert np.array_equal(cv2.imread(str(tmp_path / "out" / f"p{i}.gaussian.png")), cv2.GaussianBlur(img, (0, 0), 2.0))
+
+
+def test_a_pattern_skips_luminagrids_own_outputs(cluster_env: dict[str, str], folder: Path) -> None:
+    (folder / "broken.png").unlink()
+    proc = run(["submit", str(folder / "img*.png"), "--op", "gaussian"], cluster_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 images: 3 ok, 0 failed" in proc.stdout  # not img0.edges.png
+    assert not list(folder.glob("*.edges.gaussian.png"))

@@ -125,6 +125,7 @@ def test_embedded_flag_forces_a_private_cluster(cluster_env: dict[str, str], pho
         (["-p", "low"], "-p 'low' is not NAME=VALUE; write e.g. -p d=9."),
         (["--op", "gaussian", "--low", "5"], "--low is a Canny threshold; for --op gaussian use -p NAME=VALUE"),
         (["--jobs", "0"], "--jobs 0 is out of range; use 1 to 64."),
+        (["-o", "x.png", "--out-dir", "elsewhere"], "-o and --out-dir both say where the output goes; give one of them."),
         (["--quality", "0"], "--quality 0 is out of range"),
         (["--quality", "101"], "--quality 101 is out of range"),
         (["--strips", "0"], "--strips 0 is out of range"),

@@ -98,3 +98,19 @@ def test_ops_command_lists_every_operation_and_parameter(cluster_env: dict[str, 
         assert op.name in proc.stdout
         for p in op.params:
             assert p.name in proc.stdout
+
+
+def test_jpeg_at_quality_100_of_noise_is_larger_than_raw_and_still_accepted(cluster: LocalCluster) -> None:
+    noise = np.random.default_rng(3).integers(0, 256, (256, 512, 3), dtype=np.uint8)
+    assert len(cv2.imencode(".jpg", noise, [cv2.IMWRITE_JPEG_QUALITY, 100, *JPEG_444[2:]])[1]) > noise.size
+    result = luminagrid.submit(noise, op="gaussian", strips=2, codec="jpeg", quality=100).wait(TIMEOUT_S)
+    decoded = cv2.imdecode(cv2.imencode(".jpg", noise, [cv2.IMWRITE_JPEG_QUALITY, 100, *JPEG_444[2:]])[1], cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(result.image, cv2.GaussianBlur(decoded, (0, 0), 2.0))
+
+
+def test_canny_with_a_whole_strip_of_pending_pixels_is_exact(cluster: LocalCluster) -> None:
+    """Pending pixels take 8 bytes each: a strip full of them is larger than its raw pixels."""
+    image = np.zeros((1016, 1024), np.uint8)
+    image[:, ::4] = 255  # vertical lines cross the seam; high=2040 leaves no strong pixel to resolve them
+    result = luminagrid.submit(image, low=10, high=2040, strips=2, codec="lossless").wait(TIMEOUT_S)
+    assert np.array_equal(result.image, cv2.Canny(image, 10, 2040))

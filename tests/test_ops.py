@@ -111,6 +111,8 @@ def test_colour_jpeg_strips_decode_to_the_rows_of_the_whole_image_jpeg() -> None
         ("bilateral", {"d": "40"}, "--op bilateral: parameter d='40' is out of range; use a whole number from 1 to 31"),
         ("denoise", {"search_window": "20"}, "parameter search_window='20' is out of range; use an odd whole number from 1 to 35"),
         ("gaussian", {"sigma": "nan"}, "parameter sigma='nan' is out of range; use a number from 0.1 to 50"),
+        ("gaussian", {"sigma": 10**400}, "is not a number; use a number from 0.1 to 50"),
+        ("gaussian", {1: "2", "x": "3"}, "--op gaussian has no parameter '1'; its parameters are: sigma."),
         ("canny", {"low": "300", "high": "200"}, "--op canny: low 300 is above high 200; make low <= high."),
     ],
 )

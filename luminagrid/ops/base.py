@@ -57,7 +57,7 @@ class Param:
                 value = int(raw) if isinstance(raw, int) else int(str(raw).strip(), 10)
             else:
                 value = float(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InputError(f"{where}={raw!r} is not {'a whole number' if self.kind is int else 'a number'}; {fix}.") from None
         if not (math.isfinite(value) and self.lo <= value <= self.hi) or (self.odd and value % 2 == 0):
             raise InputError(f"{where}={raw!r} is out of range; {fix}.")
@@ -85,7 +85,7 @@ class Operation:
     def values(self, given: Mapping[str, Any]) -> Values:
         """All parameters, defaults filled in, each validated; raise `InputError` naming the bad one."""
         known = {p.name: p for p in self.params}
-        unknown = sorted(set(given) - set(known))
+        unknown = sorted((str(k) for k in set(given) - set(known)), key=repr)
         if unknown:
             names = ", ".join(known) or "none"
             raise InputError(f"--op {self.name} has no parameter {unknown[0]!r}; its parameters are: {names}.")
