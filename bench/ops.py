@@ -3,6 +3,7 @@
     python bench/ops.py            # denoise + bilateral at 3840x2160 (colour and gray), batch of 50
     python bench/ops.py --quick    # 2 repeats, colour only, batch of 20
     python bench/ops.py --op bilateral --size 1920x1080 --repeats 5 --batch 0
+    python bench/ops.py --only-batch --batch-op bilateral   # just the batch of 50
 
 Starts its own Redis and 2 local workers (one pool process each, OpenCV pinned to one thread as
 always in workers), builds photo-like inputs from examples/coffee.png (with sensor-like noise for
@@ -213,6 +214,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50, help="images in the batch run (0: skip)")
     parser.add_argument("--batch-op", action="append", help="default: bilateral and canny")
     parser.add_argument("--quick", action="store_true", help="2 repeats, colour only, batch of 20")
+    parser.add_argument("--only-batch", action="store_true", help="skip the single-image runs")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
@@ -224,7 +226,7 @@ def main() -> None:
                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "opencv": cv2.__version__}}
     with tempfile.TemporaryDirectory(prefix="lg-bench-") as tmp, LocalCluster(workers=2, concurrency=1) as cluster:
         report["ops"] = [measure_op(cluster, name, width, height, mode, repeats)
-                         for name in (args.op or ["denoise", "bilateral"]) for mode in modes]
+                         for name in (args.op or ["denoise", "bilateral"]) for mode in modes if not args.only_batch]
         report["batches"] = [measure_batch(cluster, Path(tmp), name, batch, 1920, 1080, repeats)
                              for name in (args.batch_op or ["bilateral", "canny"]) if batch]
     args.out.mkdir(parents=True, exist_ok=True)
