@@ -27,7 +27,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".p
 MAX_IN_FLIGHT = 64
 #: How often a batch looks at its jobs, in seconds: slower than one job's `jobs.POLL_S`, since
 #: many jobs poll at once and a batch cares for throughput, not for milliseconds of latency.
-POLL_S = 0.05
+POLL_S = 0.02
 
 
 @dataclass
@@ -151,7 +151,8 @@ def run(
 
     with ThreadPoolExecutor(1, "lg-write") as writer:
         while queue or flying:
-            if queue and len(flying) < max_in_flight:
+            busy = False  # did anything happen this round? then look again at once
+            while queue and len(flying) < max_in_flight:
                 # Read in this thread: `images.read_image` captures file descriptor 2 while it
                 # decodes, which would swallow (and misread) what other threads print meanwhile.
                 item = queue.popleft()
@@ -172,6 +173,7 @@ def run(
                 flying.append(_Flight(item, job, job.waiter(timeout_s, on_notice=notice), started))
                 peak = max(peak, len(flying))
                 changed(item)
+                busy = True
             for flight in list(flying):
                 try:
                     if flight.writing is None:
@@ -179,6 +181,7 @@ def run(
                         if result is not None:
                             flight.writing = writer.submit(images.write_image_atomic, flight.item.out, result.image)  # type: ignore[arg-type]
                             flight.item.workers = result.workers
+                            busy = True
                         continue
                     if not flight.writing.done():
                         continue
@@ -193,5 +196,7 @@ def run(
                 flight.item.seconds = time.monotonic() - flight.started
                 flying.remove(flight)
                 changed(flight.item)
-            time.sleep(POLL_S)
+                busy = True
+            if not busy:
+                time.sleep(POLL_S)
     return items, peak
