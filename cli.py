@@ -265,12 +265,10 @@ def submit(
             typer.echo(note)
         return
     items = batch.expand(sources, params.operation.suffix, out_dir)
-    note = None
-    if any(i.state == "waiting" for i in items):
-        with _broker(settings, embedded, max(1, workers)) as note:
-            _batch(items, params, settings, timeout, in_flight)
-    else:
-        _batch(items, params, settings, timeout, in_flight)  # nothing to submit: just report
+    # With nothing to submit (every argument failed already), just report: no Redis needed.
+    needs_redis = any(i.state == "waiting" for i in items)
+    with _broker(settings, embedded, max(1, workers)) if needs_redis else contextlib.nullcontext() as note:
+        _batch(items, params, settings, timeout, in_flight)
     Console(width=max(100, Console().width)).print(_batch_table(items, time.perf_counter() - started))
     if note:
         typer.echo(note)

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -88,25 +87,6 @@ def consuming(worker: str, on: bool) -> None:
     raise RuntimeError(f"{worker} did not {'start' if on else 'stop'} consuming {QUEUE}")
 
 
-def interleaved_with_setup(
-    candidates: dict[str, tuple[Callable[[], object], Callable[[], object]]], repeats: int
-) -> dict[str, list[float]]:
-    """Like `run.interleaved`, with an untimed set-up before each timed call."""
-    untimed = {name: (lambda s=setup, f=fn: (s(), f())) for name, (setup, fn) in candidates.items()}
-    for fn in untimed.values():
-        fn()  # warm-up
-    names = list(candidates)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            setup, fn = candidates[name]
-            setup()
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return samples
-
-
 def measure_op(cluster: LocalCluster, name: str, width: int, height: int, mode: str, repeats: int) -> dict:
     op = ops.get(name)
     image = input_for(name, width, height, mode)
@@ -121,17 +101,22 @@ def measure_op(cluster: LocalCluster, name: str, width: int, height: int, mode: 
         outputs.append(job.wait(900).image)
         strips_used.append(job.strip_count)
 
-    # (set-up outside the timing, candidate): the second worker's consumer is switched untimed.
     threads = cv2.getNumThreads()
-    candidates: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {
-        "in-process (OpenCV threads)": (lambda: cv2.setNumThreads(threads), lambda: op.apply(image, values)),
+    candidates = {
+        "in-process (OpenCV threads)": lambda: op.apply(image, values),
         # OpenCV's own threading gain bounds what 2 single-threaded workers can gain over it.
-        "in-process (1 thread)": (lambda: cv2.setNumThreads(1), lambda: op.apply(image, values)),
-        "1 worker": (lambda: consuming(second, False), distributed),
-        "2 workers": (lambda: consuming(second, True), distributed),
+        "in-process (1 thread)": lambda: op.apply(image, values),
+        "1 worker": distributed,
+        "2 workers": distributed,
+    }
+    setups = {  # untimed, before each call: OpenCV's threads, and the second worker's consumer
+        "in-process (OpenCV threads)": lambda: cv2.setNumThreads(threads),
+        "in-process (1 thread)": lambda: cv2.setNumThreads(1),
+        "1 worker": lambda: consuming(second, False),
+        "2 workers": lambda: consuming(second, True),
     }
     try:
-        samples = interleaved_with_setup(candidates, repeats)
+        samples = interleaved(candidates, repeats, setups)
     finally:
         cv2.setNumThreads(threads)
     consuming(second, True)

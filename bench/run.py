@@ -86,14 +86,23 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Warm every candidate up once, then time each `repeats` times in a rotating order."""
-    for fn in candidates.values():
+def interleaved(
+    candidates: dict[str, Callable[[], object]], repeats: int,
+    setups: dict[str, Callable[[], object]] | None = None,
+) -> dict[str, list[float]]:
+    """Warm every candidate up once, then time each `repeats` times in a rotating order.
+
+    `setups[name]`, if given, runs before each call of that candidate, untimed.
+    """
+    setups = setups or {}
+    for name, fn in candidates.items():
+        setups.get(name, lambda: None)()
         fn()
     names = list(candidates)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
+            setups.get(name, lambda: None)()
             samples[name].append(timed(candidates[name]))
     return samples
 

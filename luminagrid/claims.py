@@ -8,18 +8,19 @@ So strip payloads and strip outputs above `LUMINAGRID_INLINE_MAX_BYTES` (256 KiB
 Keys are fixed by job id, direction and strip index (`key_for`), so a redelivered or republished
 task finds the same bytes and writes the same bytes; they expire with the job's results
 (`LUMINAGRID_RESULT_TTL_S`) and `Job.forget` deletes them. A worker reads only the key its
-message is entitled to, checks its size before fetching it, and fails the strip with a clear
+message is entitled to, fetches at most its size limit + 1 byte, and fails the strip with a clear
 message when the key has expired.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from luminagrid.app import app
 from luminagrid.errors import MessageError
 from luminagrid.settings import KEY_PREFIX, Settings
+
 
 def key_for(job_id: str, direction: str, index: int, field: str = "payload") -> str:
     """The key of strip `index`'s payload (`direction` "in") or of one field of its output ("out";
@@ -35,16 +36,13 @@ def keys_of(job_id: str, strips: int, fields: Iterable[str]) -> list[str]:
     ]
 
 
-def offload(data: bytes, key: str, settings: Settings) -> bytes | dict[str, str]:
-    """`data` itself if small, else stored under `key` and replaced by a claim."""
-    if len(data) <= settings.inline_max_bytes:
-        return data
-    app.backend.client.set(key, data, ex=settings.result_ttl_s)
-    return {"claim": key}
+def is_claim(value: Any) -> bool:
+    return isinstance(value, dict) and "claim" in value
 
 
 def offload_many(items: Iterable[tuple[bytes, str]], settings: Settings) -> list[bytes | dict[str, str]]:
-    """`offload` for many byte strings, stored in one round trip."""
+    """Each byte string itself if small, else stored under its key (one round trip for all) and
+    replaced by a claim."""
     out: list[bytes | dict[str, str]] = []
     with app.backend.client.pipeline(transaction=False) as pipe:
         for data, key in items:
@@ -57,29 +55,64 @@ def offload_many(items: Iterable[tuple[bytes, str]], settings: Settings) -> list
     return out
 
 
+def offload_fields(fields: dict[str, Any], key_of: Callable[[str], str], settings: Settings) -> dict[str, Any]:
+    """A task result with its large byte fields stored as claims (`key_of(field)` names the key)."""
+    names = [k for k, v in fields.items() if isinstance(v, bytes)]
+    stored = offload_many(((fields[k], key_of(k)) for k in names), settings)
+    return {**fields, **dict(zip(names, stored))}
+
+
+def _claimed_key(value: Any, key: str, what: str) -> str:
+    """`key`, if `value` is a well-formed claim on exactly it; else raise `MessageError`."""
+    if not (isinstance(value, dict) and set(value) == {"claim"}):
+        raise MessageError(f"{what}: payload is {type(value).__name__}, not bytes or a claim")
+    if value["claim"] != key:
+        raise MessageError(f"{what}: claim {value['claim']!r} is not this strip's key {key!r}")
+    return key
+
+
+def _gone(key: str, what: str) -> MessageError:
+    return MessageError(
+        f"{what}: its bytes under {key} are gone (expired after LUMINAGRID_RESULT_TTL_S, or deleted); "
+        "submit the image again"
+    )
+
+
+def check(value: Any, key: str, limit: int, what: str) -> None:
+    """That a claim names `key`, which still holds 1 to `limit` bytes (without fetching them)."""
+    size = app.backend.client.strlen(_claimed_key(value, key, what))
+    if not size:
+        raise _gone(key, what)
+    if size > limit:
+        raise MessageError(f"{what}: {size} bytes under {key} exceed {limit}")
+
+
 def redeem(value: Any, key: str, limit: int, what: str) -> bytes:
     """The bytes behind `value` (inline bytes, or a claim that must name exactly `key`).
 
     Raises `MessageError` for anything else, a claim on another key, a value over `limit`
-    bytes, or an expired key.
+    bytes, or an expired key. At most `limit` + 1 bytes are fetched, in one round trip.
     """
     if isinstance(value, bytes):
         data = value
-    elif isinstance(value, dict) and set(value) == {"claim"}:
-        if value["claim"] != key:
-            raise MessageError(f"{what}: claim {value['claim']!r} is not this strip's key {key!r}")
-        client = app.backend.client
-        size = client.strlen(key)
-        if size > limit:
-            raise MessageError(f"{what}: {size} bytes under {key} exceed {limit}")
-        data = client.get(key)
-        if data is None:
-            raise MessageError(
-                f"{what}: its bytes under {key} are gone (expired after LUMINAGRID_RESULT_TTL_S, "
-                "or deleted); submit the image again"
-            )
     else:
-        raise MessageError(f"{what}: payload is {type(value).__name__}, not bytes or a claim")
+        data = app.backend.client.getrange(_claimed_key(value, key, what), 0, limit)
+        if not data:  # a claim is never empty: only byte strings above the inline size are stored
+            raise _gone(key, what)
     if len(data) > limit:
         raise MessageError(f"{what}: payload of {len(data)} bytes exceeds {limit}")
     return data
+
+
+def redeem_fields(
+    fields: dict[str, Any], key_of: Callable[[str, int | None], str], limit: int, what: str
+) -> dict[str, Any]:
+    """A result with its claims replaced by their bytes. A list field holds one value per strip:
+    its items are keyed `key_of(field, index)`, single values `key_of(field, None)`."""
+    def one(value: Any, key: str) -> Any:
+        return redeem(value, key, limit, what) if is_claim(value) else value
+
+    return {
+        k: [one(item, key_of(k, i)) for i, item in enumerate(v)] if isinstance(v, list) else one(v, key_of(k, None))
+        for k, v in fields.items()
+    }

@@ -36,6 +36,11 @@ def shape_of(rows: int, width: int, channels: int) -> tuple[int, ...]:
     return (rows, width) if channels == 1 else (rows, width, channels)
 
 
+def channels_of(pixels: np.ndarray) -> int:
+    """1 for an (rows, width) array, else its third dimension."""
+    return 1 if pixels.ndim == 2 else pixels.shape[2]
+
+
 def encode_strip(pixels: np.ndarray, codec: Codec, quality: int) -> bytes:
     """Encode a (rows, width) or (rows, width, 3) uint8 array."""
     if codec is Codec.jpeg:
@@ -63,8 +68,7 @@ def decode_strip(data: bytes, codec: Codec, rows: int, width: int, channels: int
 
 def jpeg_roundtrip(pixels: np.ndarray, quality: int) -> np.ndarray:
     """Decode(encode(pixels)): what the workers see of a whole image in JPEG mode."""
-    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
-    return decode_strip(encode_strip(pixels, Codec.jpeg, quality), Codec.jpeg, *pixels.shape[:2], channels)
+    return decode_strip(encode_strip(pixels, Codec.jpeg, quality), Codec.jpeg, *pixels.shape[:2], channels_of(pixels))
 
 
 def pack_bits(mask: np.ndarray) -> bytes:

@@ -18,9 +18,8 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -386,16 +385,11 @@ class Job:
 
     def _collect(self, meta: dict[str, Any], wall_s: float) -> JobResult:
         spec = self.spec
-        limit = messages.result_limit(spec.height, spec)
-        def redeemed(value: Any, index: int, field: str) -> Any:
-            if isinstance(value, list):  # one value per strip (local operations)
-                return [redeemed(v, i, field) for i, v in enumerate(value)]
-            if isinstance(value, dict) and "claim" in value:
-                return claims.redeem(value, claims.key_for(spec.id, "out", index, field), limit, f"job {self.id} output")
-            return value
+        def key_of(field: str, index: int | None) -> str:  # a list holds one value per strip
+            return claims.key_for(spec.id, "out", spec.strips if index is None else index, field)
 
         try:
-            meta = {k: redeemed(v, spec.strips, k) for k, v in meta.items()}
+            meta = claims.redeem_fields(meta, key_of, messages.result_limit(spec.height, spec), f"job {self.id} output")
             image = spec.operation.collect(meta, spec.height, spec.width, spec.channels)
         except (MessageError, codec.CodecError) as exc:
             raise JobFailed(f"job {self.id} finished but its output cannot be read: {exc}") from None
@@ -533,12 +527,11 @@ def submit_pixels(
     op = params.operation
     height, width = pixels.shape[:2]
     count = params.strips or strips.default_strip_count(height, width, op.strip_pixels)
+    plan = strips.plan_strips(height, count, strips.halo_for(op.halo_rows(params.values)))
     spec = messages.JobSpec(
         id=str(uuid.uuid4()), op=op.name, params=dict(params.values), width=width, height=height,
-        channels=1 if pixels.ndim == 2 else pixels.shape[2], strips=0, codec=params.codec, quality=params.quality,
+        channels=codec.channels_of(pixels), strips=len(plan), codec=params.codec, quality=params.quality,
     )
-    plan = strips.plan_strips(height, count, spec.halo_rows)
-    spec = replace(spec, strips=len(plan))
     job = Job(spec=spec, output=output, stages=stages or Stages())
     message = spec.to_message()
     with job.stages.timed("encode"):

@@ -8,6 +8,7 @@ from luminagrid import broker
 from luminagrid.app import app
 from luminagrid.errors import LuminagridError
 from luminagrid.settings import QUEUE
+from luminagrid.tasks import run_strip
 
 
 class NoWorkers(LuminagridError):
@@ -39,7 +40,7 @@ def list_workers(timeout_s: float = 2.0) -> list[WorkerInfo]:
             name=name,
             host=name.split("@", 1)[-1],
             pool_processes=int(info.get("pool", {}).get("max-concurrency", 0)),
-            active_strips=sum(1 for t in active.get(name, []) if t.get("name") == "luminagrid.strip"),
+            active_strips=sum(1 for t in active.get(name, []) if t.get("name") == run_strip.name),
             processed=sum(int(n) for n in info.get("total", {}).values()),
         )
         for name, info in sorted(stats.items())

@@ -60,8 +60,7 @@ def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
     result = op.compute(pixels, s, spec.height, spec.params)
     t2 = time.perf_counter()
     # Large outputs (local operations' pixels) wait in Redis; the chord carries only their keys.
-    packed = {k: claims.offload(v, claims.key_for(spec.id, "out", s.index, k), SETTINGS) if isinstance(v, bytes) else v
-              for k, v in op.pack(result).items()}
+    packed = claims.offload_fields(op.pack(result), lambda field: claims.key_for(spec.id, "out", s.index, field), SETTINGS)
     return {
         **packed,
         "index": s.index,
@@ -75,21 +74,20 @@ def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
 def _redeemed(part: dict[str, Any], spec: messages.JobSpec) -> dict[str, Any]:
     """A strip result with its claims replaced by their bytes."""
     index = part["index"]
-    limit = messages.result_limit(part["row1"] - part["row0"], spec)
-    return {k: claims.redeem(v, claims.key_for(spec.id, "out", index, k), limit, f"job {spec.id} strip {index} result")
-            if isinstance(v, dict) and "claim" in v else v for k, v in part.items()}
+    return claims.redeem_fields(
+        part, lambda field, _: claims.key_for(spec.id, "out", index, field),
+        messages.result_limit(part["row1"] - part["row0"], spec), f"job {spec.id} strip {index} result",
+    )
 
 
 def _check_claims(parts: list[dict[str, Any]], spec: messages.JobSpec) -> None:
     """Every claimed strip output is still in Redis, and no larger than its strip can be."""
-    client = app.backend.client
     for p in parts:
         limit = messages.result_limit(p["row1"] - p["row0"], spec)
         for field, value in p.items():
-            if isinstance(value, dict) and "claim" in value:
+            if claims.is_claim(value):
                 key = claims.key_for(spec.id, "out", p["index"], field)
-                if value != {"claim": key} or not 0 < client.strlen(key) <= limit:
-                    raise MessageError(f"job {spec.id}: strip {p['index']}'s {field} is not at {key} (or too large)")
+                claims.check(value, key, limit, f"job {spec.id} strip {p['index']} result")
 
 
 @app.task(name="luminagrid.stitch", bind=True, **_RETRY)
@@ -111,8 +109,7 @@ def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
         stitched = spec.operation.stitch(parts, width, spec.channels)
     except codec.CodecError as exc:
         raise MessageError(f"job {spec.id}: a strip result is corrupt: {exc}") from None
-    stitched = {k: claims.offload(v, claims.key_for(spec.id, "out", spec.strips, k), SETTINGS) if isinstance(v, bytes)
-                else v for k, v in stitched.items()}
+    stitched = claims.offload_fields(stitched, lambda field: claims.key_for(spec.id, "out", spec.strips, field), SETTINGS)
     strip_seconds = [p.get("seconds") or {} for p in parts]
     return {
         **stitched,

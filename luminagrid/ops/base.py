@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from luminagrid import codec
+from luminagrid import codec, images
 from luminagrid.codec import Codec
 from luminagrid.errors import InputError
 from luminagrid.strips import Strip
@@ -46,8 +46,8 @@ class Param:
 
     def parse(self, raw: Any, op: str) -> float | int:
         """A value from `-p name=value` text or a message field; raise `InputError` if unusable."""
-        fix = f"use {'an odd whole number' if self.odd else 'a whole number' if self.kind is int else 'a number'} " \
-              f"from {self.lo:g} to {self.hi:g} (default {self.default:g})"
+        noun = "a whole number" if self.kind is int else "a number"
+        fix = f"use {'an odd whole number' if self.odd else noun} from {self.lo:g} to {self.hi:g} (default {self.default:g})"
         where = f"--op {op}: parameter {self.name}"
         value: float | int
         try:
@@ -58,7 +58,7 @@ class Param:
             else:
                 value = float(raw)
         except (TypeError, ValueError, OverflowError):
-            raise InputError(f"{where}={raw!r} is not {'a whole number' if self.kind is int else 'a number'}; {fix}.") from None
+            raise InputError(f"{where}={raw!r} is not {noun}; {fix}.") from None
         if not (math.isfinite(value) and self.lo <= value <= self.hi) or (self.odd and value % 2 == 0):
             raise InputError(f"{where}={raw!r} is out of range; {fix}.")
         return value
@@ -104,8 +104,6 @@ class Operation:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """The 8-bit array this operation computes on: (H, W) gray, or (H, W, 3) BGR if `colour`."""
-        from luminagrid import images  # images imports nothing from ops; keep the import local anyway
-
         return images.to_bgr8(image) if self.colour else images.to_gray8(image)
 
     def apply(self, pixels: np.ndarray, values: Values) -> np.ndarray:
