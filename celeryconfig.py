@@ -1,12 +1,14 @@
 """Celery configuration, mapped from luminagrid's settings (LUMINAGRID_* environment variables).
 
 `celery -A luminagrid worker` loads this through `luminagrid.app`. Every worker must run with the
-same LUMINAGRID_VISIBILITY_TIMEOUT_S.
+same LUMINAGRID_VISIBILITY_TIMEOUT_S and LUMINAGRID_LIVENESS_TTL_S.
 """
 
-from luminagrid.backend import backend_url
+from kombu import Exchange, Queue
+
+from luminagrid.backend import backend_url, tcp_options
 from luminagrid.broker import tls_options
-from luminagrid.settings import QUEUE, UNACKED_MUTEX_EXPIRE_S, Settings
+from luminagrid.settings import QUEUE, STITCH_QUEUE, UNACKED_MUTEX_EXPIRE_S, Settings
 
 _settings = Settings.from_env()
 
@@ -23,7 +25,13 @@ result_serializer = "msgpack"
 accept_content = ["msgpack", "json"]
 result_accept_content = ["msgpack", "json"]
 
+# Strips and stitches on queues of their own: a job's stitch never waits behind other jobs' strips.
+# Workers consume both (kombu takes from them in turn).
 task_default_queue = QUEUE
+# Each queue its own direct exchange and key (queues declared by name alone share the default
+# exchange and key, and would both receive every message).
+task_queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in (QUEUE, STITCH_QUEUE)]
+task_routes = {"luminagrid.stitch": {"queue": STITCH_QUEUE}}
 
 # Monitoring (Flower): workers send task events, clients a task-sent event, tasks report STARTED.
 worker_send_task_events = True
@@ -31,8 +39,9 @@ task_send_sent_event = True
 result_expires = _settings.result_ttl_s
 
 # At-least-once strips: a message is acknowledged only after its result is stored; a pool process
-# killed mid-strip puts its message back at once; a whole worker lost leaves it "unacked" until a
-# live worker's sweep (every second) finds it older than the visibility timeout.
+# killed mid-strip puts its message back at once; a whole worker lost leaves it "unacked" until the
+# supervisor sees the worker's liveness lapse (seconds) and restores it (`luminagrid.supervisor`);
+# kombu's own sweep, after the visibility timeout, is the last line of defence.
 task_acks_late = True
 task_reject_on_worker_lost = True
 task_track_started = True
@@ -45,6 +54,13 @@ _transport = {
     # holding it would stop every other worker's sweep for 5 minutes. A sweep takes milliseconds,
     # and each restore is its own transaction, so two sweeps at once are harmless.
     "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
+    # A connection to a Redis that went silent (a network cut) fails within seconds: kombu drops
+    # a BRPOP whose reply is overdue by brpop_timeout (1 s) + this, and TCP gives up on unacked data
+    # after 5 s (TCP_USER_TIMEOUT), instead of sitting in retransmission backoff for minutes.
+    "health_check_interval": 2,
+    "socket_timeout": 10,
+    "socket_connect_timeout": 3,
+    **tcp_options(),
 }
 broker_transport_options = _transport
 result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
@@ -61,5 +77,6 @@ result_backend_max_retries = 60
 result_backend_base_sleep_between_retries_ms = 50
 result_backend_max_sleep_between_retries_ms = 1000
 redis_socket_timeout = 10
-redis_socket_connect_timeout = 5
+redis_socket_connect_timeout = 3
 redis_retry_on_timeout = True
+broker_connection_timeout = 3

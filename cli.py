@@ -1,4 +1,4 @@
-"""luminagrid command line: `python cli.py submit IMAGE...`, `status JOB_ID`, `result JOB_ID`, `ops`.
+"""luminagrid command line: `submit IMAGE...`, `status JOB`, `result JOB`, `cancel JOB...`, `ops`, ...
 
 The only place where exceptions become exit codes: 0 success, 1 a luminagrid error (one line on
 stderr), 2 a usage error (typer), 130 interrupted (Ctrl-C or SIGTERM).
@@ -23,7 +23,7 @@ from rich.table import Table
 from luminagrid import batch, broker, images, jobs, local, monitor, ops
 from luminagrid.app import use_broker
 from luminagrid.codec import Codec
-from luminagrid.errors import EmbeddedError, InputError, JobFailed, LuminagridError, OutputError
+from luminagrid.errors import EmbeddedError, InputError, JobCancelled, JobFailed, LuminagridError, OutputError
 from luminagrid.settings import Settings
 from luminagrid.stages import Stages
 
@@ -38,9 +38,14 @@ HELP_OP = f"Operation: {', '.join(ops.REGISTRY)}. See `python cli.py ops`."
 HELP_PARAM = "An operation parameter as NAME=VALUE, e.g. -p d=9 -p sigma_color=75; repeatable."
 HELP_OUT_DIR = "Folder for the outputs (created if missing). Default: beside each input."
 HELP_JOBS = f"Images in flight at once in a batch (1-{batch.MAX_IN_FLIGHT})."
-HELP_STATUS = "Show how far job JOB_ID has come."
-HELP_RESULT = "Wait for job JOB_ID (e.g. after submit timed out) and write its output."
-HELP_WORKERS_CMD = "List the online workers: pool size, strips running now, tasks processed."
+HELP_STATUS = "Show how far job JOB_ID has come, and where each unfinished strip is."
+HELP_RESULT = "Wait for job JOB_ID (e.g. submitted with --detach) and write its output."
+HELP_CANCEL = "Cancel jobs: workers skip their strips and their data is deleted from Redis."
+HELP_WORKERS_CMD = "List the workers: liveness, pool size, strips running now, tasks processed."
+HELP_DETACH = (
+    "Return right after publishing, printing `job <id> <image> -> <output>` per image; the cluster "
+    "runs the jobs (collect with `result JOB`). Needs a configured Redis, not embedded mode."
+)
 HELP_CLUSTER = (
     "Run a whole local system in the foreground: a private Redis, N workers and Flower. "
     "Prints the Flower URL and the line a second terminal needs to submit; Ctrl-C stops it all."
@@ -112,8 +117,19 @@ def _connect() -> Settings:
     return settings
 
 
+def _cancel_on_interrupt(job: jobs.Job, source: str) -> None:
+    """Ctrl-C or SIGTERM while waiting: the job must not run on without anyone to collect it."""
+    try:
+        job.cancel()
+        err.print(f"cancelled job {job.id} ({source}): its strips are skipped and its data deleted", markup=False)
+    except jobs.REDIS_ERRORS as exc:
+        err.print(f"could not cancel job {job.id} ({exc}); cancel it with: python cli.py cancel {job.id}", markup=False)
+
+
 def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str) -> jobs.JobResult:
-    """Wait with a progress bar (on a terminal), write `out` atomically, then drop the job's data."""
+    """Wait with a progress bar (on a terminal), write `out` atomically, then drop the job's data.
+
+    Interrupted, it cancels the job (its data is deleted; nothing runs on)."""
     progress = Progress(
         TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("strips"), TimeElapsedColumn(),
         console=err, transient=True, disable=not err.is_terminal,
@@ -127,8 +143,13 @@ def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str) -> j
                 on_notice=lambda text: err.print(f"note: {text}", markup=False),
                 forget=False,
             )
+        except JobCancelled:
+            raise  # its record stays, so `status` can say so
         except JobFailed:
             job.forget_quietly()  # its payloads need not wait for the TTL; a timeout stays collectable
+            raise
+        except KeyboardInterrupt:
+            _cancel_on_interrupt(job, label)
             raise
     with result.stages.timed("write"):
         images.write_image_atomic(out, result.image)
@@ -157,7 +178,7 @@ def _summary(source: str, job: jobs.Job, out: Path, result: jobs.JobResult, wall
     served = ", ".join(f"{name} x{n}" for name, n in sorted(result.workers.items()))
     spec = job.spec
     codec_text = f"jpeg q{spec.quality}" if spec.codec is Codec.jpeg else "lossless"
-    again = f" | {result.republished} lost task(s) published again" if result.republished else ""
+    again = f" | {result.republished} recovery(ies) by the supervisor" if result.republished else ""
     return (
         f"{source} {job.width}x{job.height} {spec.op} -> {out} | {job.strip_count} strips ({codec_text}) | "
         f"served by {served}{again} | {wall_s:.2f} s"
@@ -181,7 +202,8 @@ def _params(op: str, given: list[str], low: float | None, high: float | None, **
 
 
 def _batch(items: list[batch.Item], params: jobs.Params, settings: Settings, timeout_s: float, in_flight: int) -> None:
-    """Many images: one overall progress bar; notes and errors printed as they come."""
+    """Many images: one overall progress bar; notes and errors printed as they come; an interrupt
+    cancels the jobs in flight and says which."""
     progress = Progress(
         TextColumn("images"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
@@ -197,8 +219,18 @@ def _batch(items: list[batch.Item], params: jobs.Params, settings: Settings, tim
                 text = item.error if item.source in item.error else f"{item.source}: {item.error}"
                 err.print(f"error: {text}", markup=False)
 
-        batch.run(items, params, settings, in_flight, timeout_s, on_change=changed,
-                  on_notice=lambda item, text: err.print(f"note: {item.source}: {text}", markup=False))
+        try:
+            batch.run(items, params, settings, in_flight, timeout_s, on_change=changed,
+                      on_notice=lambda item, text: err.print(f"note: {item.source}: {text}", markup=False))
+        except KeyboardInterrupt:
+            for i in items:
+                if i.state == "cancelled":
+                    err.print(f"cancelled job {i.job_id} ({i.source}): its strips are skipped and its data deleted", markup=False)
+            raise
+
+
+def _detached_line(item: batch.Item) -> str:
+    return f"job {item.job_id} {item.source} -> {item.out}"
 
 
 def _batch_table(items: list[batch.Item], wall_s: float) -> Table:
@@ -229,6 +261,7 @@ def submit(
     timeout: Annotated[float, typer.Option(help=HELP_TIMEOUT)] = 600.0,
     in_flight: Annotated[int, typer.Option("--jobs", help=HELP_JOBS)] = 4,
     embedded: Annotated[bool, typer.Option("--embedded", help=HELP_EMBEDDED)] = False,
+    detach: Annotated[bool, typer.Option("--detach", help=HELP_DETACH)] = False,
     workers: Annotated[int, typer.Option(help=HELP_WORKERS)] = os.cpu_count() or 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help=HELP_VERBOSE)] = False,
 ) -> None:
@@ -247,6 +280,15 @@ def submit(
         except OSError as exc:
             raise OutputError(f"--out-dir {out_dir}: cannot create it ({exc.strerror}); choose another folder.") from None
     settings = Settings.from_env()
+    if detach and (embedded or not (settings.broker_url_explicit or broker.answers(settings.broker_url))):
+        raise EmbeddedError(
+            "--detach leaves the job to the cluster, but embedded mode stops its workers when this command "
+            "exits; start a cluster (`python cli.py cluster`, or Redis and `celery -A luminagrid worker`) "
+            "and set LUMINAGRID_BROKER_URL."
+        )
+    if detach:
+        _submit_detached(sources, params, settings, out, out_dir, single)
+        return
     if single:
         image = Path(sources[0])
         target = out or images.default_output(image, params.operation.suffix, out_dir)
@@ -276,6 +318,25 @@ def submit(
         raise typer.Exit(1)
 
 
+def _submit_detached(sources: list[str], params: jobs.Params, settings: Settings, out: Path | None,
+                     out_dir: Path | None, single: bool) -> None:
+    """Publish every image and print one line each: `job <id> <image> -> <output>`."""
+    if single:
+        items = [batch.Item(source=sources[0], path=Path(sources[0]),
+                            out=out or images.default_output(Path(sources[0]), params.operation.suffix, out_dir))]
+    else:
+        items = batch.expand(sources, params.operation.suffix, out_dir)
+    with _broker(settings, False, 1):
+        batch.run(items, params, settings, detach=True)
+    for item in items:
+        if item.state == "submitted":
+            typer.echo(_detached_line(item))
+        else:
+            err.print(f"error: {item.error}", markup=False)
+    if any(i.state != "submitted" for i in items):
+        raise typer.Exit(1)
+
+
 @app.command(name="ops", help=HELP_OPS)
 def list_ops() -> None:
     table = Table("op", "parameter", "default", "range", "meaning", title="operations (submit --op NAME -p NAME=VALUE)")
@@ -285,6 +346,39 @@ def list_ops() -> None:
             kind = "odd integer" if p.odd else "integer" if p.kind is int else "number"
             table.add_row("", p.name, f"{p.default:g}", f"{p.lo:g}-{p.hi:g} ({kind})", p.help)
     Console(soft_wrap=True).print(table)
+
+
+def _ranges(indices: list[int]) -> str:
+    """1-based, compressed: [0, 1, 2, 5] -> "1-3, 6"."""
+    out, start = [], None
+    for n, i in enumerate(indices):
+        if start is None:
+            start = i
+        if n + 1 == len(indices) or indices[n + 1] != i + 1:
+            out.append(f"{start + 1}" if start == i else f"{start + 1}-{i + 1}")
+            start = None
+    return ", ".join(out)
+
+
+def _places(s: jobs.Status) -> list[str]:
+    """Where the unfinished strips are, one line per holder (queued ones together)."""
+    groups: dict[str, list[int]] = {}
+    stitch = None
+    for p in s.places:
+        if p.where == "queued":
+            label = "queued"
+        else:
+            label = f"held by {p.worker} ({'alive' if p.alive else 'lost'}{', running' if p.running else ''})"
+        if p.index is None:
+            stitch = label
+        else:
+            groups.setdefault(label, []).append(p.index)
+    lines = [f"  strips {_ranges(ix)}/{s.strip_count}: {label}" for label, ix in groups.items()]
+    if stitch:
+        lines.append(f"  stitch: {stitch}")
+    elif s.strips_done == s.strip_count and s.state not in ("done", "failed", "cancelled"):
+        lines.append("  stitch: pending")
+    return lines
 
 
 @app.command(help=HELP_STATUS)
@@ -297,6 +391,11 @@ def status(job_id: Annotated[str, typer.Argument(help="The job id that submit pr
         f"{s.strips_started - s.strips_done} running | {s.width}x{s.height} | "
         f"submitted {s.age_s:.0f} s ago | output {s.output or '(not recorded)'}"
     )
+    if s.state not in ("done", "cancelled"):
+        for line in _places(s):
+            typer.echo(line)
+    for event in s.events:
+        typer.echo(f"  recovered: {event}")
     if s.error:
         typer.echo(f"error: {s.error}")
 
@@ -320,13 +419,39 @@ def result(
     typer.echo(_summary(f"job {job_id}", job, out, result, time.perf_counter() - started))
 
 
+@app.command(help=HELP_CANCEL)
+@exits
+def cancel(job_ids: Annotated[list[str], typer.Argument(metavar="JOB...", help="Job ids that submit printed.")]) -> None:
+    _connect()
+    failed = False
+    for job_id in job_ids:
+        try:
+            job = jobs.Job.find(job_id)
+            state = job.status().state
+            if state in ("done", "failed"):
+                raise OutputError(f"job {job_id} has already {'finished' if state == 'done' else 'failed'}; "
+                                  "nothing to cancel (collect it with `python cli.py result`).")
+            if state == "cancelled":
+                typer.echo(f"job {job_id} was already cancelled")
+                continue
+            job.cancel()
+            typer.echo(f"cancelled job {job_id}: its strips are skipped and its data deleted")
+        except LuminagridError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            failed = True
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command(help=HELP_WORKERS_CMD)
 @exits
 def workers(timeout: Annotated[float, typer.Option(help="Seconds to wait for answers.")] = 2.0) -> None:
     _connect()
-    table = Table("worker", "host", "pool", "active strips", "processed")
-    for w in monitor.list_workers(timeout):
-        table.add_row(w.name, w.host, str(w.pool_processes), str(w.active_strips), str(w.processed))
+    nodes = monitor.list_workers(timeout)
+    table = Table("worker", "host", "liveness", "pool", "active strips", "processed")
+    for w in nodes:
+        table.add_row(w.name, w.host, w.liveness, str(w.pool_processes) if w.pool_processes else "",
+                      str(w.active_strips), str(w.processed) if w.online else "")
     Console(soft_wrap=True).print(table)
 
 

@@ -7,7 +7,7 @@ import threading
 import cv2
 import kombu.pools
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import task_received, worker_process_init, worker_ready, worker_shutdown
 
 from luminagrid import workarounds
 from luminagrid.backend import backend_url
@@ -17,6 +17,10 @@ workarounds.apply()
 
 app = Celery("luminagrid", include=["luminagrid.tasks"])
 app.config_from_object("celeryconfig")
+# Remote control (ping, inspect) in JSON, as events: a worker's `stats` reply carries the broker's
+# transport options, whose TCP socket options are keyed by integers, which msgpack refuses as map
+# keys (`cli.py workers` failed with "int is not allowed for map key").
+app.control.mailbox.serializer = "json"
 
 
 def use_broker(broker_url: str, result_backend: str | None = None) -> None:
@@ -30,15 +34,42 @@ def use_broker(broker_url: str, result_backend: str | None = None) -> None:
         broker_use_ssl=tls_options(broker_url),
         redis_backend_use_ssl=tls_options(redis_url),
     )
-    # Celery caches producer pools (kombu's, keyed by connection) and the result backend; drop
-    # them as Celery's own after-fork hook does, so nothing talks to the previous Redis.
-    kombu.pools.reset()
-    app._after_fork()
+    reset_connections()
     app._backend_cache = None
     app._local = threading.local()
+
+
+def reset_connections() -> None:
+    """Drop this process's broker connections (e.g. ones a Redis restart broke, or to a previous
+    Redis): Celery caches producer pools (kombu's, keyed by connection) and a connection pool;
+    drop them as Celery's own after-fork hook does. New ones are made on next use."""
+    kombu.pools.reset()
+    app._after_fork()
 
 
 @worker_process_init.connect
 def _one_opencv_thread(**_: object) -> None:
     # Celery's pool gives the parallelism; OpenCV's own threads only fight it (FIELD-NOTES §2).
     cv2.setNumThreads(1)
+
+
+@worker_ready.connect
+def _start_node(sender: object, **_: object) -> None:
+    # Imported here: `luminagrid.worker` needs the tasks, which need this app.
+    from luminagrid import worker  # noqa: PLC0415
+
+    worker.start(str(getattr(sender, "hostname", "") or "worker"))
+
+
+@task_received.connect
+def _received(**_: object) -> None:
+    from luminagrid import worker  # noqa: PLC0415
+
+    worker.poke()
+
+
+@worker_shutdown.connect
+def _stop_node(**_: object) -> None:
+    from luminagrid import worker  # noqa: PLC0415
+
+    worker.stop()

@@ -1,17 +1,60 @@
-"""The result backend: Celery's Redis backend without pub/sub subscriptions.
+"""The result backend: Celery's Redis backend, made to poll, to ride through outages, and to count.
 
-Celery's Redis backend subscribes the sending process to every task's result channel (so that
-`AsyncResult.get()` wakes on publish). luminagrid's client never waits that way: `Job.wait`
-polls result keys, which also rides through Redis restarts. Subscriptions would only cost a
-round trip per task and, worse, make every dropped `AsyncResult` unsubscribe in its destructor,
-with retries, from a Redis that may be restarting or gone (seen in the crash tests).
-
-Consequence: `AsyncResult.get()` on luminagrid's tasks is not supported; use `Job.wait()`.
+- **No pub/sub.** Celery's Redis backend subscribes the sending process to every task's result
+  channel and PUBLISHes every result (a second copy of its bytes). luminagrid's client never waits
+  that way: `jobs.Job.wait` polls, which also rides through Redis restarts. So this backend neither
+  subscribes nor publishes. Consequence: `AsyncResult.get()` on luminagrid's tasks is not
+  supported; use `Job.wait()`.
+- **Every command retries on connection errors**, for about a minute, with backoff capped at 1 s:
+  storing a result, the chord join (made re-entrant in `workarounds`), and luminagrid's own keys
+  (records, claims, liveness), which share this client. A Redis restart at any moment then costs
+  a pause, not a failed job.
+- **Progress**: a strip's final state is written to the job's progress hash in the same
+  transaction as its result (`settings.PROGRESS_KEY`), so "how many strips are done" is one HLEN,
+  and a crash of Redis can never keep one without the other.
 """
 
 from __future__ import annotations
 
+import socket
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import states
 from celery.backends.redis import RedisBackend, ResultConsumer
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from luminagrid import workarounds
+from luminagrid.settings import PROGRESS_KEY
+
+#: Retries of one Redis command on a connection error (about a minute at most 1 s apart).
+COMMAND_RETRIES = 60
+META_PREFIX = "celery-task-meta-"
+
+
+def retrying() -> dict[str, Any]:
+    """redis-py connection options: retry every command on connection errors and timeouts."""
+    return {
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), COMMAND_RETRIES),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+
+
+def tcp_options() -> dict[str, Any]:
+    """TCP keepalive and a user timeout: a connection to a Redis that went silent (a network cut,
+    not a closed socket) fails within seconds instead of sitting in retransmission backoff."""
+    options = {socket.TCP_KEEPIDLE: 1, socket.TCP_KEEPINTVL: 1, socket.TCP_KEEPCNT: 3}
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        options[socket.TCP_USER_TIMEOUT] = 5000  # ms
+    return {"socket_keepalive": True, "socket_keepalive_options": options}
+
+
+def strip_of(task_id: str) -> tuple[str, int] | None:
+    """(job id, strip index) of a strip task id (`<job>.strip<i>`), else None."""
+    job, sep, index = task_id.rpartition(".strip")
+    return (job, int(index)) if sep and index.isdigit() else None
 
 
 class _NoSubscriptions(ResultConsumer):
@@ -24,6 +67,41 @@ class _NoSubscriptions(ResultConsumer):
 
 class PollingRedisBackend(RedisBackend):
     ResultConsumer = _NoSubscriptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connparams.update(retrying())
+        if "path" not in self.connparams:  # TCP, not a unix socket
+            self.connparams.update(tcp_options())
+
+    def _set_with_state(self, key: str | bytes, value: Any, state: str) -> Any:
+        expires = self.failure_expires if state == states.FAILURE else self.expires
+        return self.ensure(self._store, (key, value, expires, state))
+
+    def _set(self, key: str | bytes, value: Any, expires: int | None = None) -> None:
+        self._store(key, value, expires, None)
+
+    def _store(self, key: str | bytes, value: Any, expires: int | None, state: str | None) -> None:
+        """SET the result (no PUBLISH); a strip's final state also goes to its job's progress hash."""
+        expires = self.expires if expires is None else expires
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        strip = strip_of(name[len(META_PREFIX):]) if name.startswith(META_PREFIX) else None
+        with self.client.pipeline(transaction=strip is not None) as pipe:
+            pipe.set(key, value, ex=expires or None)
+            if strip is not None and state in states.READY_STATES:
+                progress = PROGRESS_KEY.format(job=strip[0])
+                pipe.hset(progress, str(strip[1]), state)
+                if expires:
+                    pipe.expire(progress, expires)
+            pipe.execute()
+
+    @cached_property
+    def _chord_part_return_script(self) -> Any:
+        return self.client.register_script(workarounds.REENTRANT_CHORD_PART_RETURN_LUA)
+
+    @cached_property
+    def _chord_cleanup_script(self) -> Any:
+        return self.client.register_script(workarounds.REENTRANT_CHORD_CLEANUP_LUA)
 
 
 def backend_url(redis_url: str) -> str:

@@ -5,6 +5,7 @@
 
 Each image is its own job. One that cannot be read, fails on the workers, or times out is
 reported as failed; the others go on. Outputs are written as their jobs finish, atomically.
+An interrupt (Ctrl-C, SIGTERM) cancels the jobs in flight; `detach=True` only submits.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from luminagrid import images, jobs, ops
-from luminagrid.errors import JobFailed, LuminagridError
+from luminagrid.errors import JobCancelled, JobFailed, LuminagridError
 from luminagrid.settings import Settings
 
 #: Files a folder contributes (by suffix, case-insensitive); outputs of any operation are skipped.
@@ -38,7 +39,7 @@ class Item:
     source: str
     path: Path | None
     out: Path | None = None
-    #: "waiting", "running", "ok" or "failed"
+    #: "waiting", "running", "ok", "failed", "cancelled" or (detached) "submitted"
     state: str = "waiting"
     error: str | None = None
     width: int = 0
@@ -133,13 +134,16 @@ def run(
     timeout_s: float = 600.0,
     on_change: Callable[[Item], None] | None = None,
     on_notice: Callable[[Item, str], None] | None = None,
+    detach: bool = False,
 ) -> tuple[list[Item], int]:
     """Process every waiting item; return the items and the most jobs that were in flight at once.
 
     `params` must be validated. `on_change` hears of each item that starts, finishes or fails;
-    `on_notice` passes on the watchdog's notes (lost tasks, no workers, Redis outages).
-    Finished outputs are written in a helper thread (OpenCV's encoders release the GIL), so the
-    submitter's file work overlaps the workers' computing.
+    `on_notice` passes on the waiting notes (no workers, Redis outages). Finished outputs are
+    written in a helper thread (OpenCV's encoders release the GIL), so the submitter's file work
+    overlaps the workers' computing. With `detach`, every image is submitted (state "submitted",
+    with its job id) and nothing is waited for. An interrupt cancels the jobs in flight (state
+    "cancelled") and is raised again.
     """
     changed = on_change or (lambda _item: None)
     queue = deque(i for i in items if i.state == "waiting")
@@ -148,7 +152,48 @@ def run(
     for item in items:
         if item.state == "failed":
             changed(item)
+    if detach:
+        for item in queue:
+            if _submit(item, params, settings, detached=True) is not None:
+                item.state = "submitted"
+            changed(item)
+        return items, 0
+    try:
+        peak = _run(queue, flying, params, settings, max_in_flight, timeout_s, changed, on_notice)
+    except KeyboardInterrupt:
+        for flight in flying:
+            if flight.writing is not None:  # its output is written (the writer finished it on exit)
+                flight.job.forget_quietly()
+                flight.item.state = "ok"
+                continue
+            flight.job.cancel()
+            flight.item.state, flight.item.error = "cancelled", f"cancelled job {flight.job.id}"
+            changed(flight.item)
+        raise
+    return items, peak
 
+
+def _submit(item: Item, params: jobs.Params, settings: Settings, detached: bool = False) -> jobs.Job | None:
+    """Read, convert and submit one image; on a luminagrid error mark it failed and return None."""
+    try:
+        assert item.path is not None and item.out is not None
+        images.check_output(item.out, item.path)
+        pixels = jobs.load(item.path, params.operation, settings)
+        item.height, item.width = pixels.shape[:2]
+        job = jobs.submit_pixels(pixels, params, output=str(item.out.resolve()), settings=settings, detached=detached)
+    except LuminagridError as exc:
+        item.fail(str(exc))
+        return None
+    item.job_id = job.id
+    return job
+
+
+def _run(
+    queue: deque[Item], flying: list[_Flight], params: jobs.Params, settings: Settings, max_in_flight: int,
+    timeout_s: float, changed: Callable[[Item], None], on_notice: Callable[[Item, str], None] | None,
+) -> int:
+    """The loop of `run`: keep `max_in_flight` jobs going; return the most that flew at once."""
+    peak = 0
     with ThreadPoolExecutor(1, "lg-write") as writer:
         while queue or flying:
             busy = False  # did anything happen this round? then look again at once
@@ -157,18 +202,11 @@ def run(
                 # decodes, which would swallow (and misread) what other threads print meanwhile.
                 item = queue.popleft()
                 started = time.monotonic()
-                try:
-                    assert item.path is not None and item.out is not None
-                    images.check_output(item.out, item.path)
-                    pixels = jobs.load(item.path, params.operation, settings)
-                    item.height, item.width = pixels.shape[:2]
-                    job = jobs.submit_pixels(pixels, params, output=str(item.out.resolve()), settings=settings)
-                except LuminagridError as exc:
-                    item.fail(str(exc))
+                job = _submit(item, params, settings)
+                if job is None:
                     changed(item)
                     continue
-                del pixels  # the strips are encoded; the job holds what the watchdog may need
-                item.state, item.job_id = "running", job.id
+                item.state = "running"
                 notice = (lambda it: lambda text: on_notice(it, text))(item) if on_notice else None
                 flying.append(_Flight(item, job, job.waiter(timeout_s, on_notice=notice), started))
                 peak = max(peak, len(flying))
@@ -188,6 +226,8 @@ def run(
                     flight.writing.result()
                     flight.job.forget()
                     flight.item.state = "ok"
+                except JobCancelled as exc:  # by someone else: its record stays, for `status`
+                    flight.item.fail(str(exc))
                 except JobFailed as exc:
                     flight.item.fail(str(exc))
                     flight.job.forget_quietly()  # a failed job's payloads need not wait for the TTL
@@ -199,4 +239,4 @@ def run(
                 busy = True
             if not busy:
                 time.sleep(POLL_S)
-    return items, peak
+    return peak

@@ -8,6 +8,8 @@ import ssl
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from luminagrid.errors import BrokerUnreachable
 
@@ -31,13 +33,18 @@ def tls_options(url: str, ca_certs: str | None = None) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca_certs or os.environ.get("LUMINAGRID_REDIS_CA_CERTS") or None}
 
 
-def client(url: str, timeout_s: float = 2.0) -> redis.Redis:
-    """A redis-py client for a Celery-style URL (`redis://`, `rediss://`, `redis+socket://`)."""
+def client(url: str, timeout_s: float = 2.0, retry: bool = True) -> redis.Redis:
+    """A redis-py client for a Celery-style URL (`redis://`, `rediss://`, `redis+socket://`).
+
+    With `retry=False` a command fails at the first connection error (for loops that look again
+    anyway, such as the supervisor's); otherwise redis-py retries a few times within ~1 s.
+    """
     for scheme in _SOCKET_SCHEMES:
         if url.startswith(scheme):
             url = "unix://" + url[len(scheme):]
+    extra: dict[str, Any] = {} if retry else {"retry": Retry(NoBackoff(), 0)}
     return redis.Redis.from_url(
-        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, **(tls_options(url) or {})
+        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, **extra, **(tls_options(url) or {})
     )
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from luminagrid.app import app
-from luminagrid.errors import MessageError
+from luminagrid.errors import ClaimGone, MessageError
 from luminagrid.settings import KEY_PREFIX, Settings
 
 
@@ -71,10 +71,10 @@ def _claimed_key(value: Any, key: str, what: str) -> str:
     return key
 
 
-def _gone(key: str, what: str) -> MessageError:
-    return MessageError(
+def _gone(key: str, what: str) -> ClaimGone:
+    return ClaimGone(
         f"{what}: its bytes under {key} are gone (expired after LUMINAGRID_RESULT_TTL_S, or deleted); "
-        "submit the image again"
+        "submit the image again", key,
     )
 
 

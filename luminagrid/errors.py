@@ -34,8 +34,24 @@ class MessageError(LuminagridError):
     """A task message that is malformed or forged: rejected before decoding anything."""
 
 
+class ClaimGone(MessageError):
+    """A claim check's key is gone from Redis: expired, deleted, or lost in a crash of Redis.
+
+    For a job whose record is still in Redis this is a loss the cluster recovers from (the strip
+    runs again); otherwise the message's job is over, or never existed.
+    """
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class JobFailed(LuminagridError):
     """A job ran and failed on the workers."""
+
+
+class JobCancelled(JobFailed):
+    """A job was cancelled (`cli.py cancel`, or Ctrl-C of the submitter that waited for it)."""
 
 
 class JobTimeout(LuminagridError):

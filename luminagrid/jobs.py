@@ -1,18 +1,18 @@
-"""The client API: submit an image as a chord of strip tasks and wait for the stitched result.
+"""The client API: submit an image as a chord of strip tasks, wait for the result, cancel.
 
     job = luminagrid.submit("photo.png", op="bilateral", params={"d": 9})
     result = job.wait(timeout_s=60)
     result.image  # (H, W, 3) uint8 for a colour photo; Canny (the default op) gives (H, W) 0/255
 
-While it waits, a job watches over its own tasks (the watchdog): a strip whose message is neither
-queued, held unacknowledged by a worker, nor finished, on two looks a second apart, was lost
-(typically by a Redis restart while a worker was taking it off the queue) and is published again
-under the same task id. Redis's chord join counts each strip once, so copies are harmless.
+Recovery does not live here: the cluster's supervisor (`supervisor.py`) republishes lost strips
+and stitches from the job's record in Redis (`record.py`), whether anyone waits or not. The one
+thing only a waiting submitter can do is write the job again if Redis crashed before it could
+persist it: for `DURABLE_S` after publishing it keeps the payloads, and if Redis's run id
+changes meanwhile it writes the record and payloads again and asks the supervisor to look.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -27,47 +27,37 @@ from typing import Any
 import kombu.exceptions
 import numpy as np
 import redis
-from celery import chord
-from celery.canvas import Signature
+from celery import chord, states
 
-from luminagrid import broker, claims, codec, images, messages, ops, strips
+from luminagrid import broker, claims, codec, images, liveness, messages, ops, strips
+from luminagrid import record as records
 from luminagrid.app import app
 from luminagrid.codec import Codec
-from luminagrid.errors import BrokerUnreachable, InputError, JobFailed, JobNotFound, JobTimeout, MessageError
-from luminagrid.settings import KEY_PREFIX, QUEUE, Settings
+from luminagrid.errors import (
+    BrokerUnreachable,
+    ClaimGone,
+    InputError,
+    JobCancelled,
+    JobFailed,
+    JobTimeout,
+    MessageError,
+)
+from luminagrid.record import Record
+from luminagrid.settings import JOB_EVENTS_KEY, PROGRESS_KEY, QUEUE, WALK_KEY, Settings
 from luminagrid.stages import Stages
-from luminagrid.tasks import run_strip, stitch
+from luminagrid.tasks import stitch_signature, strip_signature
 
-#: How often `Job.wait` looks at Redis, in seconds (Celery's default of 0.5 s adds ~0.5 s a job).
-POLL_S = 0.01
-#: The watchdog looks this often, and not before a job is this old, in seconds.
-WATCH_INTERVAL_S = 1.0
-#: Looks in a row that must find a task nowhere before it is published again.
-WATCH_MISSES = 2
-#: After this long unfinished, check that some worker is online, in seconds (then every 10 s).
+#: How often `Job.wait` looks for the result, in seconds: fast at first (small jobs finish in
+#: tens of milliseconds), then slower, so that many waiting clients cost Redis little.
+POLL_FAST_S, POLL_SLOW_S, FAST_FOR_S = 0.01, 0.05, 2.0
+#: Progress (strips done) and cancellation are looked at this often, in seconds.
+PROGRESS_EVERY_S = 0.25
+#: After this long unfinished, check that some worker is alive (then every 10 s), in seconds.
 WORKER_CHECK_S = 2.0
+#: How long the submitter keeps a job's payloads after publishing, to write them again if Redis
+#: crashed before persisting them (AOF `appendfsync everysec` fsyncs every second), in seconds.
+DURABLE_S = 3.0
 REDIS_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError, OSError)
-
-# Finds task ids in the queue and in the Redis transport's unacked hash. Values are kombu's JSON
-# envelopes whose last part, the properties, holds `"correlation_id": "<task id>"`; only the
-# tail of each value is searched, so the pixel payloads are not scanned.
-_FIND_TASKS_LUA = """
--- Returns, per id, 0 (nowhere), 1 (queued) or 2 (held unacknowledged by a worker).
-local found = {}
-local function scan(values, where)
-  for _, v in ipairs(values) do
-    local tail = string.sub(v, -4096)
-    for i, id in ipairs(ARGV) do
-      if not found[i] and string.find(tail, '"' .. id .. '"', 1, true) then found[i] = where end
-    end
-  end
-end
-scan(redis.call('LRANGE', KEYS[1], 0, -1), 1)
-scan(redis.call('HVALS', KEYS[2]), 2)
-local out = {}
-for i = 1, #ARGV do out[i] = found[i] or 0 end
-return out
-"""
 
 Notice = Callable[[str], None]
 
@@ -107,7 +97,7 @@ class JobResult:
     workers: dict[str, int]
     stitched_by: str
     wall_s: float
-    #: tasks the watchdog published again
+    #: recoveries the supervisor made for this job (lost strips or stitch published again, ...)
     republished: int = 0
     stages: Stages = field(default_factory=Stages)
 
@@ -117,12 +107,23 @@ class JobResult:
         return self.image
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where an unfinished task is: `where` is "queued" or "held"; a holder is alive or lost."""
+
+    index: int | None  # strip index, None for the stitch
+    where: str
+    worker: str | None = None
+    alive: bool = True
+    running: bool = False
+
+
 @dataclass
 class Status:
     """A job's progress, as `cli.py status` shows it."""
 
     job_id: str
-    state: str  # "queued", "running", "done", "failed"
+    state: str  # "queued", "running", "done", "failed", "cancelled"
     strips_done: int
     strips_started: int
     strip_count: int
@@ -131,17 +132,21 @@ class Status:
     age_s: float
     output: str | None
     error: str | None = None
+    #: where each unfinished strip (and a pending stitch) is
+    places: list[Place] = field(default_factory=list)
+    #: the supervisor's recoveries for this job, oldest first
+    events: list[str] = field(default_factory=list)
 
-
-def _key(job_id: str) -> str:
-    return f"{KEY_PREFIX}job:{job_id}"
-
-
-def _metas(task_ids: list[str]) -> list[dict[str, Any] | None]:
-    """Result metadata of tasks (one MGET; None where nothing is stored yet)."""
-    backend = app.backend
-    raws = backend.client.mget([backend.get_key_for_task(t) for t in task_ids])
-    return [None if raw is None else backend.decode_result(raw) for raw in raws]
+    def whereabouts(self) -> str:
+        """E.g. "3/7 strips done, 2 held by live workers, 2 queued"."""
+        counts = Counter(
+            "queued" if p.where == "queued" else "held by live workers" if p.alive else "held by lost workers"
+            for p in self.places if p.index is not None
+        )
+        text = f"{self.strips_done}/{self.strip_count} strips done"
+        if self.strips_done == self.strip_count and self.state not in ("done", "failed"):
+            return text + ", stitch pending"
+        return ", ".join([text, *(f"{n} {what}" for what, n in counts.items())])
 
 
 def _error_text(meta: dict[str, Any]) -> str:
@@ -156,29 +161,35 @@ def _error_text(meta: dict[str, Any]) -> str:
     return str(exc)
 
 
+def _run_id(db: redis.Redis) -> str:
+    return str(db.info("server")["run_id"])
+
+
 @dataclass
 class Job:
     """A submitted job. `wait()` returns its result; `status()` tells where it stands."""
 
-    spec: messages.JobSpec
-    output: str | None = None
-    submitted_at: float = field(default_factory=time.time)
-    #: The strip signatures as published; only the submitting process has them (they hold pixels).
-    signatures: list[Signature] | None = None
-    body: Signature | None = None
-    _done: dict[int, dict[str, Any]] = field(default_factory=dict)
-    _misses: Counter[str] = field(default_factory=Counter)
-    republished: int = 0
-    #: The strips' group, whose chord join a republished strip must report to (set by submit).
-    group_id: str | None = None
-    _warned_no_workers: bool = False
-    _broker_client: redis.Redis | None = None
+    record: Record
     #: where this job's time went; the submitter fills in read..publish, `wait` the rest
     stages: Stages = field(default_factory=Stages)
+    #: (key, bytes) of every payload, kept by the submitter until the job is durable in Redis
+    payloads: list[tuple[str, bytes]] | None = None
+    #: Redis's run id when the job was written, and when that write became durable
+    run_id: str | None = None
+    durable_at: float = 0.0
+    ttl_s: int = Settings.result_ttl_s
 
     @property
     def id(self) -> str:
-        return self.spec.id
+        return self.record.id
+
+    @property
+    def spec(self) -> messages.JobSpec:
+        return self.record.spec
+
+    @property
+    def output(self) -> str | None:
+        return self.record.output
 
     @property
     def width(self) -> int:
@@ -192,85 +203,79 @@ class Job:
     def strip_count(self) -> int:
         return self.spec.strips
 
-    def strip_task_id(self, index: int) -> str:
-        return f"{self.id}.strip{index}"
-
     @property
-    def stitch_label(self) -> str:
-        """What Flower and logs show for the stitch task instead of the strips' results."""
-        return f"job {self.id[:8]} {self.spec.op} stitch {self.strip_count} strips"
+    def group_id(self) -> str:
+        return self.record.group_id
 
-    def strip_label(self, s: strips.Strip) -> str:
-        """What Flower and logs show for a strip task instead of kilobytes of pixels."""
-        return f"job {self.id[:8]} {self.spec.op} strip {s.index + 1}/{self.strip_count} rows {s.row0}-{s.row1}"
-
-    # --- the record that lets another process find this job -------------------------------------
-
-    def save_record(self, ttl_s: int) -> None:
-        record = {**self.spec.to_message(), "output": self.output, "submitted_at": self.submitted_at}
-        app.backend.client.set(_key(self.id), json.dumps(record), ex=ttl_s)
+    def strip_task_id(self, index: int) -> str:
+        return self.record.strip_task_id(index)
 
     @classmethod
     def find(cls, job_id: str) -> Job:
         """The job with this id, from its record in Redis, or raise `JobNotFound`."""
-        raw = app.backend.client.get(_key(job_id))
-        if raw is None:
-            raise JobNotFound(
-                f"no job {job_id!r} in Redis at {broker.redacted(app.conf.broker_url)}: it was never "
-                "submitted there, was already collected, or expired; check the id and LUMINAGRID_BROKER_URL."
-            )
-        record = json.loads(raw)  # the job message, plus where to write and when it was sent
-        spec = messages.parse_job(record, Settings.from_env().max_pixels)
-        return cls(spec=spec, output=record.get("output"), submitted_at=record["submitted_at"])
+        settings = Settings.from_env()
+        return cls(record=records.load(job_id, settings.max_pixels), ttl_s=settings.result_ttl_s)
 
-    # --- progress ---------------------------------------------------------------------------------
-
-    def _unfinished(self) -> list[int]:
-        """Indices of the strips not yet seen finished."""
-        return [i for i in range(self.strip_count) if i not in self._done]
-
-    def _poll(self) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any] | None]]:
-        """The stitch task's meta, and strip index -> meta for the strips not seen finished before."""
-        todo = self._unfinished()
-        metas = _metas([self.id, *(self.strip_task_id(i) for i in todo)])
-        strip_metas = dict(zip(todo, metas[1:]))
-        for i, meta in strip_metas.items():
-            if meta is not None and meta["status"] == "SUCCESS":
-                self._done[i] = meta["result"]
-        return metas[0], strip_metas
+    # --- where it stands --------------------------------------------------------------------------
 
     def status(self) -> Status:
-        body, strip_metas = self._poll()
-        polled = [m for m in strip_metas.values() if m is not None]
-        started = len(self._done) + sum(1 for m in polled if m["status"] == "STARTED")
-        failed = [m for m in polled if m["status"] == "FAILURE"]
+        db = records.fast_client()
+        stitch_meta = records.metas([self.id], db)[0]
+        progress = records.progress(self.id, db)
+        held: dict[str, tuple[liveness.Node, liveness.Hold]] = {}
+        for node in liveness.read(db):
+            for hold in node.holds:
+                if hold.task_id not in held or node.alive:
+                    held[hold.task_id] = (node, hold)
+        places = []
+        for i in [i for i in range(self.strip_count) if i not in progress] + [None]:
+            task_id = self.id if i is None else self.strip_task_id(i)
+            if task_id in held:
+                node, hold = held[task_id]
+                places.append(Place(i, "held", node.id, node.alive, hold.state == "running"))
+            elif i is not None:
+                places.append(Place(i, "queued"))
+        failed = any(s == states.FAILURE for s in progress.values())
+        stitch_state = stitch_meta["status"] if stitch_meta else None
         error = None
-        if body is not None and body["status"] == "SUCCESS":
+        if self.record.state == records.CANCELLED or records.is_cancelled(self.id, db):
+            state = "cancelled"
+        elif stitch_state == states.SUCCESS:
             state = "done"
-        elif failed or (body is not None and body["status"] == "FAILURE"):
-            state, error = "failed", self._failure_text(body, strip_metas)
+        elif failed or stitch_state == states.FAILURE:
+            state, error = "failed", self._failure_text(stitch_meta, progress)
         else:
+            started = progress or any(p.running for p in places)
             state = "running" if started else "queued"
+        events = [records.event_text(raw) for raw in db.lrange(JOB_EVENTS_KEY.format(job=self.id), 0, -1)]
         return Status(
-            job_id=self.id, state=state, strips_done=len(self._done), strips_started=started,
+            job_id=self.id, state=state, strips_done=len(progress),
+            strips_started=len(progress) + sum(1 for p in places if p.running and p.index is not None),
             strip_count=self.strip_count, width=self.width, height=self.height,
-            age_s=time.time() - self.submitted_at, output=self.output, error=error,
+            age_s=time.time() - self.record.submitted_at, output=self.output, error=error,
+            places=places, events=events,
         )
 
-    def _failure_text(self, body: dict[str, Any] | None, strip_metas: dict[int, dict[str, Any] | None]) -> str:
-        """Why the job failed: the first failed strip's own error (from `_poll`), else the stitch's."""
-        plan = strips.plan_strips(self.height, self.strip_count, self.spec.halo_rows)
-        for i, meta in sorted(strip_metas.items()):
-            if meta is not None and meta["status"] == "FAILURE":
-                where = f"strip {i + 1}/{self.strip_count} (rows {plan[i].row0}-{plan[i].row1})"
-                text = _error_text(meta)
-                if text.startswith("WorkerLostError"):
-                    return (
-                        f"{where} killed its worker process on every delivery ({text}); it is not "
-                        "delivered again (LUMINAGRID_MAX_DELIVERIES). Check the workers' logs and memory."
-                    )
-                return f"{where} failed: {text}"
-        return f"stitching failed: {_error_text(body)}" if body else "unknown failure"
+    def _failure_text(self, stitch_meta: dict[str, Any] | None, progress: dict[int, str]) -> str:
+        """Why the job failed: the first failed strip's own error, else the stitch's."""
+        failed = sorted(i for i, s in progress.items() if s == states.FAILURE)
+        plan = self.record.plan()
+        for i, meta in zip(failed, records.metas([self.strip_task_id(i) for i in failed])):
+            if meta is None or meta["status"] != states.FAILURE:
+                continue
+            where = f"strip {i + 1}/{self.strip_count} (rows {plan[i].row0}-{plan[i].row1})"
+            text = _error_text(meta)
+            if text.startswith("WorkerLostError"):
+                return (
+                    f"{where} killed its worker process on every delivery ({text}); it is not "
+                    "delivered again (LUMINAGRID_MAX_DELIVERIES). Check the workers' logs and memory."
+                )
+            return f"{where} failed: {text}"
+        if stitch_meta is None:
+            return "unknown failure"
+        if isinstance(stitch_meta.get("result"), MessageError):  # the supervisor's own verdict
+            return str(stitch_meta["result"])
+        return f"stitching failed: {_error_text(stitch_meta)}"
 
     # --- waiting ----------------------------------------------------------------------------------
 
@@ -302,96 +307,16 @@ class Job:
         """A non-blocking `wait`: call `step()` until it returns the result (how batches wait on many)."""
         return Waiter(self, timeout_s, on_progress, on_notice or (lambda _text: None))
 
-    def _give_up(self, timeout_s: float, down_since: float | None, error: BaseException | None) -> None:
-        later = f"collect it later with: python cli.py result {self.id}"
-        if down_since is not None:
-            raise BrokerUnreachable(
-                f"Redis at {broker.redacted(app.conf.broker_url)} has not answered for "
-                f"{time.monotonic() - down_since:.0f} s ({error}); job {self.id} did not finish within "
-                f"{timeout_s:g} s. Once Redis is back, {later}"
-            )
-        raise JobTimeout(
-            f"job {self.id} did not finish within {timeout_s:g} s ({self._whereabouts()}); {later} "
-            "(or raise --timeout)."
-        )
-
-    def _whereabouts(self) -> str:
-        """Where the unfinished strips are, e.g. "3/7 strips done, 2 queued, 2 held by workers"."""
-        text = f"{len(self._done)}/{self.strip_count} strips done"
-        todo = [self.strip_task_id(i) for i in self._unfinished()]
-        if not todo:
-            return text + ", stitch pending"
-        try:
-            found = self._find(todo)
-        except REDIS_ERRORS:
-            return text
-        where = Counter({0: "nowhere (lost)", 1: "queued", 2: "held by workers"}[f] for f in found)
-        return ", ".join([text, *(f"{n} {what}" for what, n in where.items())])
-
-    def _find(self, task_ids: list[str]) -> list[int]:
-        """Per task id: 0 nowhere, 1 queued, 2 held unacknowledged by a worker (`_FIND_TASKS_LUA`)."""
-        # The queue and kombu's unacked hash live in the broker's Redis, which need not be the
-        # result backend's (LUMINAGRID_RESULT_BACKEND).
-        if self._broker_client is None:
-            self._broker_client = broker.client(app.conf.broker_url)
-        return [int(f) for f in self._broker_client.eval(_FIND_TASKS_LUA, 2, QUEUE, "unacked", *task_ids)]
-
-    def _warn_if_no_workers(self, notice: Notice, timeout_s: float) -> bool:
-        """Say so if no worker answers a ping; True while none does."""
-        replies = app.control.ping(timeout=1.0, limit=1) or []
-        if replies:
-            if self._warned_no_workers:
-                notice("a worker is online now")
-            return False
-        self._warned_no_workers = True
-        notice(
-            f"no workers are consuming queue '{QUEUE}' at {broker.redacted(app.conf.broker_url)} "
-            f"(workers online: 0); start one with `celery -A luminagrid worker`. Job {self.id} stays "
-            f"queued; waiting up to {timeout_s:g} s."
-        )
-        return True
-
-    def _watch(self, notice: Notice) -> None:
-        """Publish again any task of this job that is nowhere: not queued, unacked, nor finished."""
-        ids = [self.strip_task_id(i) for i in self._unfinished()] or [self.id]
-        found = self._find(ids)
-        # Between our poll and the scan a task may have finished and been acked: look again.
-        finished = {i for i, meta in zip(ids, _metas(ids)) if meta is not None and meta["status"] in ("SUCCESS", "FAILURE")}
-        for task_id, seen in zip(ids, found):
-            if seen or task_id in finished:
-                self._misses.pop(task_id, None)
-                continue
-            self._misses[task_id] += 1
-            if self._misses[task_id] >= WATCH_MISSES:
-                del self._misses[task_id]
-                if self._republish(task_id):
-                    notice(f"task {task_id} was lost (was Redis restarted?); published it again")
-                else:
-                    notice(f"task {task_id} seems lost and only its submitter holds its pixels; "
-                           "if the job does not finish, submit the image again")
-
-    def _republish(self, task_id: str) -> bool:
-        if task_id == self.id:  # the stitch: every strip is done, so its input is at hand
-            parts = [self._done[i] for i in range(self.strip_count)]
-            stitch.signature((parts, self.spec.to_message()), task_id=self.id, argsrepr=self.stitch_label).apply_async()
-        elif self.signatures is not None and self.body is not None and self.group_id is not None:
-            index = int(task_id.rsplit("strip", 1)[1])
-            sig = self.signatures[index]
-            sig.clone(group_id=self.group_id, group_index=index, chord=self.body).apply_async()
-        else:
-            return False  # another process submitted it and holds the pixels
-        self.republished += 1
-        return True
-
     def _collect(self, meta: dict[str, Any], wall_s: float) -> JobResult:
         spec = self.spec
+
         def key_of(field: str, index: int | None) -> str:  # a list holds one value per strip
             return claims.key_for(spec.id, "out", spec.strips if index is None else index, field)
 
+        meta = claims.redeem_fields(meta, key_of, messages.result_limit(spec.height, spec), f"job {self.id} output")
         try:
-            meta = claims.redeem_fields(meta, key_of, messages.result_limit(spec.height, spec), f"job {self.id} output")
             image = spec.operation.collect(meta, spec.height, spec.width, spec.channels)
-        except (MessageError, codec.CodecError) as exc:
+        except codec.CodecError as exc:
             raise JobFailed(f"job {self.id} finished but its output cannot be read: {exc}") from None
         seconds = meta.get("seconds") or {}
         stitch_s = float(seconds.get("stitch", 0.0))
@@ -401,8 +326,39 @@ class Job:
         self.stages.slowest_strip_s = float(seconds.get("slowest_strip", 0.0))
         return JobResult(
             job_id=self.id, image=image, workers=dict(meta["workers"]), stitched_by=str(meta["stitched_by"]),
-            wall_s=wall_s, republished=self.republished, stages=self.stages,
+            wall_s=wall_s, republished=int(records.fast_client().llen(JOB_EVENTS_KEY.format(job=self.id))),
+            stages=self.stages,
         )
+
+    # --- durability: what only the submitter can do -----------------------------------------------
+
+    def _watch_redis(self, db: redis.Redis, notice: Notice) -> None:
+        """Write the job again if Redis restarted before the job was durable (see module docstring)."""
+        run_id = _run_id(db)
+        if self.run_id is None:
+            self.run_id = run_id
+        if run_id == self.run_id:
+            if self.payloads is not None and time.monotonic() >= self.durable_at:
+                self.payloads = None  # on disk by now: the supervisor can republish from Redis
+            return
+        self.run_id = run_id
+        if self.payloads is None:
+            return
+        notice(f"Redis restarted within {DURABLE_S:g} s of receiving job {self.id}; writing the job again")
+        with records.client().pipeline(transaction=False) as pipe:
+            self.record.with_state(records.RUNNING).save(self.ttl_s, pipe)
+            for key, data in self.payloads:
+                pipe.set(key, data, ex=self.ttl_s)
+            pipe.set(WALK_KEY, f"job {self.id}'s submitter saw Redis restart", ex=self.ttl_s)
+            pipe.execute()
+        self.durable_at = time.monotonic() + DURABLE_S
+
+    # --- cancel and clean up ----------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop the job: workers skip its strips from now on, and its data is deleted from Redis."""
+        records.cancel(self.record, self.ttl_s)
+        self.payloads = None
 
     def forget_quietly(self) -> None:
         """`forget`, for clean-up after a failure: a Redis error here changes nothing."""
@@ -413,14 +369,11 @@ class Job:
 
     def forget(self) -> None:
         """Delete this job's results and record from Redis (else they expire after a day)."""
-        backend = app.backend
-        ids = [self.id, *(self.strip_task_id(i) for i in range(self.strip_count))]
-        backend.client.delete(_key(self.id), *(backend.get_key_for_task(t) for t in ids),
-                              *claims.keys_of(self.id, self.strip_count, self.spec.operation.fields))
+        records.forget(self.record)
 
 
 class Waiter:
-    """One job's wait, a step at a time: progress, the watchdog, Redis outages and the deadline."""
+    """One job's wait, a step at a time: the result, progress, Redis outages and the deadline."""
 
     def __init__(
         self, job: Job, timeout_s: float, on_progress: Callable[[int, int], None] | None, notice: Notice
@@ -428,39 +381,44 @@ class Waiter:
         self.job, self.timeout_s, self.on_progress, self.notice = job, timeout_s, on_progress, notice
         self.start = time.monotonic()
         self.deadline = self.start + timeout_s
-        self.next_watch = self.start + WATCH_INTERVAL_S
+        self.next_progress = self.start
         self.next_worker_check = self.start + WORKER_CHECK_S
+        self.next_redis_check = self.start
         self.shown = -1
         self.down_since: float | None = None
         self.last_error: BaseException | None = None
+        self.warned_no_workers = False
 
     @property
     def pause_s(self) -> float:
         """How long to sleep before the next step."""
-        return POLL_S if self.down_since is None else 0.2
+        if self.down_since is not None:
+            return 0.2
+        return POLL_FAST_S if time.monotonic() - self.start < FAST_FOR_S else POLL_SLOW_S
 
     def step(self) -> JobResult | None:
         """Look once: the result when the job is done, else None; raise when it failed or timed out."""
         job = self.job
+        db = records.fast_client()
         try:
-            body, strip_metas = job._poll()
-            if body is not None and body["status"] == "SUCCESS":
+            now = time.monotonic()
+            if job.payloads is not None and now >= self.next_redis_check:  # until the job is durable
+                job._watch_redis(db, self.notice)
+                self.next_redis_check = now + 0.25
+            meta = records.metas([job.id], db)[0]
+            if meta is not None and meta["status"] == states.SUCCESS:
                 if self.on_progress is not None:
                     self.on_progress(job.strip_count, job.strip_count)
-                with job.stages.timed("collect"):
-                    return job._collect(body["result"], time.monotonic() - self.start)
-            if body is not None and body["status"] == "FAILURE":
-                raise JobFailed(f"job {job.id} failed: {job._failure_text(body, strip_metas)}")
-            if self.on_progress is not None and len(job._done) != self.shown:
-                self.shown = len(job._done)
-                self.on_progress(self.shown, job.strip_count)
-            now = time.monotonic()
+                result = self._collect(meta["result"])
+                if result is not None:
+                    return result
+            elif meta is not None and meta["status"] == states.FAILURE:
+                raise JobFailed(f"job {job.id} failed: {job._failure_text(meta, records.progress(job.id, db))}")
+            if now >= self.next_progress:
+                self.next_progress = now + PROGRESS_EVERY_S
+                self._look_at_progress(db)
             if now >= self.next_worker_check:
-                none_online = job._warn_if_no_workers(self.notice, self.timeout_s)
-                self.next_worker_check = now + 10.0 if none_online else math.inf
-            if now >= self.next_watch:
-                job._watch(self.notice)
-                self.next_watch = now + WATCH_INTERVAL_S
+                self.next_worker_check = now + (10.0 if self._no_workers(db) else math.inf)
             if self.down_since is not None:
                 self.notice(f"Redis at {broker.redacted(app.conf.broker_url)} answers again")
                 self.down_since = None
@@ -470,8 +428,67 @@ class Waiter:
                 self.down_since = time.monotonic()
                 self.notice(f"lost Redis at {broker.redacted(app.conf.broker_url)} ({exc}); retrying")
         if time.monotonic() > self.deadline:
-            job._give_up(self.timeout_s, self.down_since, self.last_error)
+            self._give_up()
         return None
+
+    def _collect(self, meta: dict[str, Any]) -> JobResult | None:
+        """The result, or None if its bytes vanished in a Redis restart (then the supervisor redoes
+        what was lost and a later step collects)."""
+        try:
+            with self.job.stages.timed("collect"):
+                return self.job._collect(meta, time.monotonic() - self.start)
+        except ClaimGone as exc:
+            self.job._watch_redis(records.fast_client(), self.notice)  # writes the job again if a crash lost it
+            if not records.exists(self.job.id):
+                raise JobFailed(f"job {self.job.id} finished but its output cannot be read: {exc}") from None
+            # Lost in a crash of Redis (the job itself is still there): have it stitched again.
+            self.notice(f"the output of job {self.job.id} is gone from Redis ({exc.key}); the cluster stitches it again")
+            records.reopen(self.job.record)
+            return None
+        except MessageError as exc:
+            raise JobFailed(f"job {self.job.id} finished but its output cannot be read: {exc}") from None
+
+    def _look_at_progress(self, db: redis.Redis) -> None:
+        job = self.job
+        if records.is_cancelled(job.id, db):
+            raise JobCancelled(f"job {job.id} was cancelled (python cli.py cancel, or Ctrl-C of the submitter that waited for it).")
+        if self.on_progress is not None:
+            done = int(db.hlen(PROGRESS_KEY.format(job=job.id)))
+            if done != self.shown:
+                self.shown = done
+                self.on_progress(done, job.strip_count)
+
+    def _no_workers(self, db: redis.Redis) -> bool:
+        """Say so if no worker is alive; True while none is."""
+        alive = [n for n in liveness.read(db) if n.alive]
+        if alive:
+            if self.warned_no_workers:
+                self.notice("a worker is online now")
+            self.warned_no_workers = False
+            return False
+        if not self.warned_no_workers:
+            self.notice(
+                f"no workers are consuming queue '{QUEUE}' at {broker.redacted(app.conf.broker_url)} "
+                f"(workers online: 0); start one with `celery -A luminagrid worker`. Job {self.job.id} stays "
+                f"queued; waiting up to {self.timeout_s:g} s."
+            )
+        self.warned_no_workers = True
+        return True
+
+    def _give_up(self) -> None:
+        job = self.job
+        later = f"collect it later with: python cli.py result {job.id}"
+        if self.down_since is not None:
+            raise BrokerUnreachable(
+                f"Redis at {broker.redacted(app.conf.broker_url)} has not answered for "
+                f"{time.monotonic() - self.down_since:.0f} s ({self.last_error}); job {job.id} did not finish within "
+                f"{self.timeout_s:g} s. Once Redis is back, {later}"
+            )
+        try:
+            where = job.status().whereabouts()
+        except REDIS_ERRORS:
+            where = "Redis unreachable"
+        raise JobTimeout(f"job {job.id} did not finish within {self.timeout_s:g} s ({where}); {later} (or raise --timeout).")
 
 
 def load(
@@ -516,12 +533,14 @@ def submit(
 
 def submit_pixels(
     pixels: np.ndarray, params: Params, output: str | None = None, settings: Settings | None = None,
-    stages: Stages | None = None,
+    stages: Stages | None = None, detached: bool = False,
 ) -> Job:
     """Send the chord for an (H, W) or (H, W, 3) uint8 image (`load`), with validated `params`.
 
-    `output` is recorded with the job, for `cli.py result` to write to later; `stages` holds the
-    timing of what came before (reading, conversion).
+    Before the first message, the job's record and every strip's payload are written to Redis
+    (`record.py`), so the cluster can recover the job without this process. `output` is
+    recorded with the job, for `cli.py result` to write to later; `stages` holds the timing of
+    what came before (reading, conversion).
     """
     settings = settings or Settings.from_env()
     op = params.operation
@@ -532,32 +551,39 @@ def submit_pixels(
         id=str(uuid.uuid4()), op=op.name, params=dict(params.values), width=width, height=height,
         channels=codec.channels_of(pixels), strips=len(plan), codec=params.codec, quality=params.quality,
     )
-    job = Job(spec=spec, output=output, stages=stages or Stages())
-    message = spec.to_message()
+    rec = Record(spec=spec, output=output, submitted_at=time.time(), detached=detached)
+    job = Job(record=rec, stages=stages or Stages(), ttl_s=settings.result_ttl_s)
     with job.stages.timed("encode"):
         # Both codecs release the GIL: encode strips on every core.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             payloads = list(pool.map(lambda s: codec.encode_strip(pixels[s.top:s.bottom], params.codec, params.quality), plan))
+    keys = [claims.key_for(spec.id, "in", s.index) for s in plan]
     try:
-        job.save_record(settings.result_ttl_s)
-        with job.stages.timed("publish"):  # large payloads wait in Redis as claims (`claims`)
-            payloads = claims.offload_many(
-                ((p, claims.key_for(job.id, "in", s.index)) for p, s in zip(payloads, plan)), settings
-            )
-        job.signatures = [
-            run_strip.signature(
-                (message, messages.strip_message(s), payload),
-                task_id=job.strip_task_id(s.index), argsrepr=job.strip_label(s),
-            )
-            for s, payload in zip(plan, payloads)
-        ]
-        job.body = stitch.signature((message,), task_id=job.id, argsrepr=job.stitch_label)
+        db = records.client()
         with job.stages.timed("publish"):
-            final = chord(job.signatures, job.body).apply_async()
-        job.group_id = final.parent.id  # the chord join's key: a republished strip must name it
+            job.run_id = _run_id(db)
+            with db.pipeline(transaction=False) as pipe:  # the record and every payload, then messages
+                rec.save(settings.result_ttl_s, pipe)
+                for key, data in zip(keys, payloads):
+                    pipe.set(key, data, ex=settings.result_ttl_s)
+                pipe.execute()
+            # Small payloads ride inside their messages too (no round trip for the worker).
+            header = [
+                strip_signature(rec, s, data if len(data) <= settings.inline_max_bytes else {"claim": key})
+                for s, data, key in zip(plan, payloads, keys)
+            ]
+            chord(header, stitch_signature(rec), task_id=rec.group_id).apply_async()
+            job.record = rec.with_state(records.RUNNING)
+            job.record.save(settings.result_ttl_s)
+        job.payloads = list(zip(keys, payloads))
+        job.durable_at = time.monotonic() + DURABLE_S
+        job._watch_redis(db, lambda _text: None)  # did Redis restart while we published?
     except REDIS_ERRORS as exc:
         raise BrokerUnreachable(
             f"could not submit to Redis at {broker.redacted(app.conf.broker_url)} ({exc}); check that it is "
             "up and that LUMINAGRID_BROKER_URL is right."
         ) from None
+    except KeyboardInterrupt:  # interrupted while publishing: what was sent must not run
+        job.cancel()
+        raise
     return job

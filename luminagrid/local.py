@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import kombu.exceptions
+import redis
+
 from luminagrid import broker
 from luminagrid.errors import EmbeddedError
 
@@ -87,8 +90,17 @@ def wait_until_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], w
     while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_process(proc)
-            raise EmbeddedError(f"{what} did not start; see {log_path}")
+            raise EmbeddedError(f"{what} did not start; see {log_path}{_last_lines(log_path)}")
         time.sleep(poll_s)
+
+
+def _last_lines(log_path: Path | None, count: int = 3) -> str:
+    """The end of a log, to quote in an error: what went wrong is usually on its last lines."""
+    try:
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()] if log_path else []
+    except OSError:
+        return ""
+    return (": " + " | ".join(lines[-count:])) if lines else ""
 
 
 def free_port() -> int:
@@ -105,6 +117,9 @@ class LocalRedis:
     port: int = 0
     appendonly: bool = False
     password: str | None = None
+    #: more addresses to listen on besides 127.0.0.1 (e.g. a test's veth link)
+    bind: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -122,7 +137,7 @@ class LocalRedis:
         self.folder.mkdir(parents=True, exist_ok=True)
         args = [
             redis_server_binary(),
-            "--bind", "127.0.0.1",  # never listen beyond loopback
+            "--bind", "127.0.0.1", *self.bind,  # never listen beyond loopback (and what the caller names)
             "--port", str(self.port),
             "--unixsocket", str(self.socket_path), "--unixsocketperm", "700",
             "--dir", str(self.folder),
@@ -130,6 +145,7 @@ class LocalRedis:
             "--appendonly", "yes" if self.appendonly else "no",
             "--daemonize", "no",
             *(["--requirepass", self.password] if self.password else []),
+            *self.extra_args,
         ]
         self.proc = spawn(args, self.folder / "redis.log")
         wait_until_ready(self.proc, lambda: broker.answers(self.url, 0.2), "redis-server", self.folder / "redis.log")
@@ -144,6 +160,12 @@ class LocalRedis:
         self.stop()
         self.start()
 
+    def kill(self) -> None:
+        """SIGKILL: a crash; the AOF keeps what Redis had written to it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT_S)
+
 
 @dataclass
 class LocalWorker:
@@ -155,12 +177,14 @@ class LocalWorker:
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
+    #: a command the worker runs under, e.g. `ip netns exec NAME` (which execs it: same PID)
+    prefix: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LocalWorker:
         env = celery_env(self.broker_url, self.extra_env)
         args = [
-            sys.executable, "-m", "celery", "-A", "luminagrid", "worker",
+            *self.prefix, sys.executable, "-m", "celery", "-A", "luminagrid", "worker",
             "--hostname", self.name, "--concurrency", str(self.concurrency), "--pool", "prefork",
             "--loglevel", "WARNING", "--without-gossip", "--without-mingle", *self.extra_args,
         ]
@@ -212,7 +236,7 @@ class LocalFlower:
 
 def wait_for_workers(names: list[str], procs: list[subprocess.Popen[bytes]], timeout_s: float = READY_TIMEOUT_S) -> None:
     """Block until every named worker answers a ping, or raise `EmbeddedError`."""
-    from luminagrid.app import app  # noqa: PLC0415 - configured by the caller first
+    from luminagrid.app import app, reset_connections  # noqa: PLC0415 - configured by the caller first
 
     deadline = time.monotonic() + timeout_s
     missing = set(names)
@@ -222,7 +246,12 @@ def wait_for_workers(names: list[str], procs: list[subprocess.Popen[bytes]], tim
                 raise EmbeddedError(f"a worker exited at start (code {proc.returncode}): {proc.args}")
         if time.monotonic() > deadline:
             raise EmbeddedError(f"workers {sorted(missing)} did not answer within {timeout_s:g} s")
-        for reply in app.control.ping(destination=sorted(missing), timeout=0.5) or []:
+        try:
+            replies = app.control.ping(destination=sorted(missing), timeout=0.5) or []
+        except (OSError, redis.RedisError, kombu.exceptions.OperationalError):
+            reset_connections()  # a connection broken by a Redis restart: take a new one
+            continue
+        for reply in replies:
             missing -= set(reply)
 
 
@@ -235,6 +264,7 @@ class LocalCluster:
     folder: Path | None = None
     appendonly: bool = False
     password: str | None = None
+    redis_args: tuple[str, ...] = ()
     #: Environment and arguments for every worker (e.g. LUMINAGRID_VISIBILITY_TIMEOUT_S).
     worker_env: dict[str, str] = field(default_factory=dict)
     worker_args: list[str] = field(default_factory=list)
@@ -255,7 +285,8 @@ class LocalCluster:
             self._tmp = tempfile.TemporaryDirectory(prefix="lg-")
             self.folder = Path(self._tmp.name)
         try:
-            self.redis = LocalRedis(self.folder, appendonly=self.appendonly, password=self.password).start()
+            self.redis = LocalRedis(self.folder, appendonly=self.appendonly, password=self.password,
+                                    extra_args=self.redis_args).start()
             use_broker(self.redis.url)
             host = socket.gethostname()
             for i in range(self.workers):

@@ -125,9 +125,13 @@ def result_limit(rows: int, job: JobSpec) -> int:
     return 8 * rows * job.width * job.channels + PAYLOAD_SLACK_BYTES
 
 
-def check_payload(payload: Any, s: strips.Strip, job: JobSpec) -> bytes:
-    """The strip's encoded bytes: inline, or fetched from its claim key (`claims`), size-checked."""
+def payload_limit(s: strips.Strip, job: JobSpec) -> int:
+    """Most bytes strip `s`'s encoded pixels can take."""
     raw = (s.bottom - s.top) * job.width * job.channels
     # JPEG at quality 100 can be larger than the raw samples (measured: 1.3x on noise).
-    limit = (2 * raw if job.codec is Codec.jpeg else raw) + PAYLOAD_SLACK_BYTES
-    return claims.redeem(payload, claims.key_for(job.id, "in", s.index), limit, f"job {job.id} strip {s.index}")
+    return (2 * raw if job.codec is Codec.jpeg else raw) + PAYLOAD_SLACK_BYTES
+
+
+def check_payload(payload: Any, s: strips.Strip, job: JobSpec) -> bytes:
+    """The strip's encoded bytes: inline, or fetched from its claim key (`claims`), size-checked."""
+    return claims.redeem(payload, claims.key_for(job.id, "in", s.index), payload_limit(s, job), f"job {job.id} strip {s.index}")

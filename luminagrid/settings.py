@@ -11,12 +11,43 @@ from dataclasses import dataclass
 from luminagrid.errors import ConfigError
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+#: The strips' queue; stitches have their own, so a job's stitch never waits behind other jobs' strips.
 QUEUE = "luminagrid"
-#: Prefix of every Redis key luminagrid itself writes (Celery's own keys are `celery-*`).
-KEY_PREFIX = "luminagrid:"
+STITCH_QUEUE = "luminagrid.stitch"
+QUEUES = (QUEUE, STITCH_QUEUE)
 #: Lifetime of the lock a worker holds while it sweeps unacknowledged messages back onto the queue;
-#: a worker killed while holding it delays recovery by at most this long (kombu's default: 300).
+#: a worker killed while holding it delays that sweep by at most this long (kombu's default: 300).
 UNACKED_MUTEX_EXPIRE_S = 5
+
+# --- Redis keys -------------------------------------------------------------------------------
+# Every key luminagrid itself writes starts with KEY_PREFIX and lives in the result backend's
+# Redis (Celery's own keys there are `celery-*`); kombu's queues and `unacked*` live in the broker's.
+KEY_PREFIX = "luminagrid:"
+#: A job's record (JSON): what it computes, where its output goes, its state (`record.py`).
+JOB_KEY = KEY_PREFIX + "job:{job}"
+#: Present while a job is cancelled: strip tasks check it before decoding (`record.py`).
+CANCEL_KEY = KEY_PREFIX + "cancel:{job}"
+#: Hash strip index -> final state (SUCCESS/FAILURE), written with the strip's result (`backend.py`).
+PROGRESS_KEY = KEY_PREFIX + "progress:{job}"
+#: Sorted set of the jobs the supervisor watches (score: submitted at, unix seconds).
+ACTIVE_JOBS_KEY = KEY_PREFIX + "jobs"
+#: Sorted set of cancelled jobs whose data the supervisor deletes once no worker holds their tasks.
+CANCELLED_JOBS_KEY = KEY_PREFIX + "cancelled"
+#: Set of every worker node that ever beat (`liveness.py`).
+NODES_KEY = KEY_PREFIX + "nodes"
+#: A worker's liveness record: expires `liveness_ttl_s` after its last beat.
+ALIVE_KEY = KEY_PREFIX + "alive:{node}"
+#: What a worker held at its last beat (kept longer than liveness, to say what a lost worker held).
+HOLDS_KEY = KEY_PREFIX + "holds:{node}"
+#: The supervisor's lease: which worker supervises now (`supervisor.py`).
+LEASE_KEY = KEY_PREFIX + "supervisor"
+#: The run id(s) of the Redis the supervisor last watched: a new leader tells a restart from a takeover.
+RUN_KEY = KEY_PREFIX + "supervisor:run"
+#: A request for the supervisor to look for lost messages (set by clients that saw Redis restart).
+WALK_KEY = KEY_PREFIX + "walk"
+#: The supervisor's recent recoveries (a capped list of JSON lines), for operators; and per job.
+EVENTS_KEY = KEY_PREFIX + "events"
+JOB_EVENTS_KEY = KEY_PREFIX + "events:{job}"
 
 
 def _int(name: str, default: int, minimum: int) -> int:
@@ -32,6 +63,19 @@ def _int(name: str, default: int, minimum: int) -> int:
     return value
 
 
+def _float(name: str, default: float, minimum: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {default:g}.") from None
+    if not value >= minimum:
+        raise ConfigError(f"{name}={value:g} is below {minimum:g}; set it to e.g. {default:g}.")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Process-wide settings. Build with `Settings.from_env()`."""
@@ -44,9 +88,14 @@ class Settings:
     max_pixels: int = 250_000_000
     #: How long a job's results stay in Redis if nobody collects them, in seconds.
     result_ttl_s: int = 86_400
-    #: A strip taken by a worker that then vanished (node lost) is delivered again after this long.
-    #: Must exceed any strip's run time, or strips run twice (harmless, but wasted work).
-    visibility_timeout_s: int = 60
+    #: The last line of defence: a message taken by a worker and neither acknowledged nor
+    #: restored by the supervisor is delivered again after this long. The supervisor restores a
+    #: lost worker's messages within seconds (`liveness_ttl_s`), so this only needs to exceed
+    #: any strip's run time, which it must: a shorter one runs long strips twice.
+    visibility_timeout_s: int = 3600
+    #: A worker that has not refreshed its liveness record for this long is lost: the supervisor
+    #: puts its unfinished strips back on the queue. It beats 4 times per period.
+    liveness_ttl_s: float = 2.0
     #: Deliveries of one strip that each killed its worker process, before the job fails.
     max_deliveries: int = 3
     #: Byte strings (strip payloads and outputs) above this size travel as claim checks (`claims`).
@@ -59,8 +108,13 @@ class Settings:
 
     @property
     def retry_backoff_max_s(self) -> int:
-        """Retry delays stay well under the visibility timeout, or redelivery would loop."""
-        return max(1, self.visibility_timeout_s // 6)
+        """Retry delays stay short, and well under the visibility timeout (or redelivery loops)."""
+        return max(1, min(10, self.visibility_timeout_s // 6))
+
+    @property
+    def beat_s(self) -> float:
+        """How often a worker refreshes its liveness record, and the supervisor looks, in seconds."""
+        return self.liveness_ttl_s / 4
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -73,6 +127,7 @@ class Settings:
             max_pixels=_int("LUMINAGRID_MAX_PIXELS", cls.max_pixels, 1),
             result_ttl_s=_int("LUMINAGRID_RESULT_TTL_S", cls.result_ttl_s, 60),
             visibility_timeout_s=_int("LUMINAGRID_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, 5),
+            liveness_ttl_s=_float("LUMINAGRID_LIVENESS_TTL_S", cls.liveness_ttl_s, 0.4),
             max_deliveries=_int("LUMINAGRID_MAX_DELIVERIES", cls.max_deliveries, 1),
             inline_max_bytes=_int("LUMINAGRID_INLINE_MAX_BYTES", cls.inline_max_bytes, 0),
         )

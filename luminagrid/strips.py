@@ -14,7 +14,7 @@ from dataclasses import dataclass
 #: JPEG's block height: strip boundaries and halos are multiples of it.
 ALIGN_ROWS = 8
 #: Upper bound on strips per job (keeps chord bookkeeping and message counts small).
-MAX_STRIPS = 256
+MAX_STRIPS = 1024
 #: Target pixels per strip when the caller does not choose a count (operations may choose their own).
 TARGET_STRIP_PIXELS = 1_000_000
 

@@ -1,12 +1,16 @@
 """Celery tasks: thin wrappers that validate, decode, call the operation's pure core, and encode.
 
 Message layout: see `messages.py`. Delivery is at least once (acks late, requeue on a lost pool
-process), so both tasks are idempotent: running a strip twice gives the same bytes, and the Redis
-chord join counts each strip once.
+process, the supervisor publishing lost ones again), so both tasks are idempotent: running a strip
+twice gives the same bytes, and the Redis chord join counts each strip once.
+
+A cancelled job's tasks end without a result (`Ignore`): a strip checks before it decodes and
+again before it stores its output, so what `cancel` deleted stays deleted.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -14,14 +18,18 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.canvas import Signature
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from luminagrid import claims, codec, messages
+from luminagrid import claims, codec, messages, strips
+from luminagrid import record as records
 from luminagrid.app import app
-from luminagrid.errors import MessageError
-from luminagrid.settings import Settings
+from luminagrid.errors import ClaimGone, MessageError
+from luminagrid.record import Record
+from luminagrid.settings import CANCEL_KEY, Settings
 
 SETTINGS = Settings.from_env()
+log = logging.getLogger(__name__)
 #: Worth retrying with backoff: Redis blips and a strip interrupted by the soft time limit.
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, SoftTimeLimitExceeded)
 
@@ -44,12 +52,48 @@ _RETRY = {
 }
 
 
+def _ignore(task: Task) -> None:
+    """End without a result: also drop the STARTED state this task stored."""
+    app.backend.client.delete(app.backend.get_key_for_task(task.request.id))
+    raise Ignore()
+
+
+def _skip_if_cancelled(task: Task, job_id: str) -> None:
+    if app.backend.client.exists(CANCEL_KEY.format(job=job_id)):
+        _ignore(task)
+
+
+def _lost(task: Task, exc: ClaimGone, job_id: str, forget_strip: int | None = None) -> None:
+    """A claim is gone: lost in a crash of Redis (or the job expired, or the message is forged).
+    End without a result (`Ignore`) and let the supervisor redo what is missing from the job's
+    record: publish the strip again once its payload is back (its submitter writes it again), or
+    fail the job if it never comes back. With no record, nobody can wait for the job: the
+    message is dropped, with a warning."""
+    if forget_strip is not None:
+        records.forget_strip(job_id, forget_strip)
+    records.request_walk(f"job {job_id}: {exc.key} is gone")
+    if not records.exists(job_id):
+        log.warning("%s; job %s is not in Redis (expired, collected, or lost in a crash): dropped the message", exc, job_id)
+    _ignore(task)
+
+
 @app.task(name="luminagrid.strip", bind=True, **_RETRY)
 def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
     """Validate and decode one strip, run its operation's strip step, return the packed result."""
     spec = messages.parse_job(job, SETTINGS.max_pixels)
     s = messages.parse_strip(strip, spec)
-    data = messages.check_payload(payload, s, spec)
+    _skip_if_cancelled(self, spec.id)
+    try:
+        data = messages.check_payload(payload, s, spec)
+    except ClaimGone as exc:
+        _lost(self, exc, spec.id)
+    part = _compute(spec, s, data, _worker_name(self))
+    _skip_if_cancelled(self, spec.id)
+    return part
+
+
+def _compute(spec: messages.JobSpec, s: strips.Strip, data: bytes, worker: str) -> dict[str, Any]:
+    """Decode strip `s`, run its operation's strip step, pack the result (large fields as claims)."""
     op = spec.operation
     t0 = time.perf_counter()
     try:
@@ -62,32 +106,34 @@ def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
     # Large outputs (local operations' pixels) wait in Redis; the chord carries only their keys.
     packed = claims.offload_fields(op.pack(result), lambda field: claims.key_for(spec.id, "out", s.index, field), SETTINGS)
     return {
-        **packed,
-        "index": s.index,
-        "row0": s.row0,
-        "row1": s.row1,
-        "worker": _worker_name(self),
+        **packed, "index": s.index, "row0": s.row0, "row1": s.row1, "worker": worker,
         "seconds": {"decode": t1 - t0, "compute": t2 - t1, "pack": time.perf_counter() - t2},
     }
 
 
-def _redeemed(part: dict[str, Any], spec: messages.JobSpec) -> dict[str, Any]:
-    """A strip result with its claims replaced by their bytes."""
+def _ready(task: Task, part: dict[str, Any], spec: messages.JobSpec) -> dict[str, Any]:
+    """A strip result as the stitch needs it: a global pass gets its claims' bytes, a local
+    operation only checks they are there (the client reads them). A result whose bytes a crash
+    of Redis lost is computed again here, from the strip's payload."""
     index = part["index"]
-    return claims.redeem_fields(
-        part, lambda field, _: claims.key_for(spec.id, "out", index, field),
-        messages.result_limit(part["row1"] - part["row0"], spec), f"job {spec.id} strip {index} result",
-    )
-
-
-def _check_claims(parts: list[dict[str, Any]], spec: messages.JobSpec) -> None:
-    """Every claimed strip output is still in Redis, and no larger than its strip can be."""
-    for p in parts:
-        limit = messages.result_limit(p["row1"] - p["row0"], spec)
-        for field, value in p.items():
+    limit = messages.result_limit(part["row1"] - part["row0"], spec)
+    what = f"job {spec.id} strip {index} result"
+    try:
+        if spec.operation.global_pass:
+            return claims.redeem_fields(part, lambda field, _: claims.key_for(spec.id, "out", index, field), limit, what)
+        for field, value in part.items():
             if claims.is_claim(value):
-                key = claims.key_for(spec.id, "out", p["index"], field)
-                claims.check(value, key, limit, f"job {spec.id} strip {p['index']} result")
+                claims.check(value, claims.key_for(spec.id, "out", index, field), limit, what)
+        return part
+    except ClaimGone:
+        log.warning("%s: its output is gone from Redis (lost in a crash?); computing strip %d again", what, index)
+        s = strips.plan_strips(spec.height, spec.strips, spec.halo_rows)[index]
+        try:
+            data = claims.redeem({"claim": claims.key_for(spec.id, "in", index)}, claims.key_for(spec.id, "in", index),
+                                 messages.payload_limit(s, spec), f"job {spec.id} strip {index}")
+        except ClaimGone as exc:  # its input is gone too: the strip must wait for its submitter
+            _lost(task, exc, spec.id, forget_strip=index)
+        return _ready(task, _compute(spec, s, data, _worker_name(task)), spec)
 
 
 @app.task(name="luminagrid.stitch", bind=True, **_RETRY)
@@ -95,16 +141,14 @@ def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
     """Chord callback: check that the strips tile the image, then the operation's stitch step."""
     started = time.perf_counter()
     spec = messages.parse_job(job, SETTINGS.max_pixels)
+    _skip_if_cancelled(self, spec.id)
     height, width = spec.height, spec.width
     parts = sorted(parts, key=lambda p: p["index"])
     if [p["index"] for p in parts] != list(range(spec.strips)):
         raise MessageError(f"job {spec.id}: got strips {[p['index'] for p in parts]}, expected {spec.strips}")
     if [p["row0"] for p in parts] != [0, *(p["row1"] for p in parts[:-1])] or parts[-1]["row1"] != height:
         raise MessageError(f"job {spec.id}: strips do not tile rows 0-{height}")
-    if spec.operation.global_pass:  # it needs the strips' bytes; a local operation only their order
-        parts = [_redeemed(p, spec) for p in parts]
-    else:
-        _check_claims(parts, spec)
+    parts = [_ready(self, p, spec) for p in parts]
     try:
         stitched = spec.operation.stitch(parts, width, spec.channels)
     except codec.CodecError as exc:
@@ -123,3 +167,37 @@ def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
             "slowest_strip": max((sum(map(float, t.values())) for t in strip_seconds), default=0.0),
         },
     }
+
+
+# --- the messages of a job ------------------------------------------------------------------------
+
+
+def stitch_signature(rec: Record) -> Signature:
+    """The chord's body: the stitch task, under the job's id."""
+    return stitch.signature((rec.spec.to_message(),), task_id=rec.id, argsrepr=rec.stitch_label)
+
+
+def strip_signature(rec: Record, s: strips.Strip, payload: bytes | dict[str, str], in_chord: bool = False) -> Signature:
+    """Strip `s`'s task with its payload (inline bytes or a claim). `in_chord`: with the chord
+    fields a copy published again needs, to report to the same join (`chord()` sets them itself)."""
+    sig = run_strip.signature(
+        (rec.spec.to_message(), messages.strip_message(s), payload),
+        task_id=rec.strip_task_id(s.index), argsrepr=rec.strip_label(s),
+    )
+    if in_chord:
+        sig = sig.clone(group_id=rec.group_id, group_index=s.index, chord=stitch_signature(rec))
+    return sig
+
+
+def republish_strip(rec: Record, index: int) -> None:
+    """Publish strip `index` again under its own task id, its payload read from its claim key.
+
+    Its result joins the same chord; a copy that was not lost after all is harmless (the join
+    counts each strip once)."""
+    s = rec.plan()[index]
+    strip_signature(rec, s, {"claim": claims.key_for(rec.id, "in", index)}, in_chord=True).apply_async()
+
+
+def republish_stitch(rec: Record, parts: list[dict[str, Any]]) -> None:
+    """Publish the stitch again, outside the chord, with the strips' stored results."""
+    stitch.signature((parts, rec.spec.to_message()), task_id=rec.id, argsrepr=rec.stitch_label).apply_async()

@@ -1,13 +1,16 @@
-"""Fixes for bugs in the libraries underneath, each with what it fixes and how it was found.
+"""Fixes for bugs and unsafe defaults in the libraries underneath, each with how it was found.
 
-Imported by `luminagrid.app`, so every worker and client gets them.
+Imported by `luminagrid.app`, so every worker and client gets them (`apply()`); the chord-join
+scripts are used by `luminagrid.backend`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import kombu.connection
 import redis
+from celery.backends import redis as celery_redis
 from kombu.transport import redis as kombu_redis
 
 
@@ -23,8 +26,8 @@ def _lost_transport_is_a_connection_error() -> None:
     tests/test_crash.py::test_jobs_survive_repeated_redis_restarts_with_aof (cf. kombu issue #582).
 
     Raise what it is, a connection error, and the existing handling applies: the close is
-    ignored, the failed ack is logged, and the message stays in Redis's unacked set, to be
-    restored by the visibility-timeout sweep (a duplicate run, which the chord join ignores).
+    ignored, the failed ack is logged, and the message stays in Redis's unacked set, where the
+    supervisor finds it unheld and restores it, or drops it if its task already finished.
     """
     channel = kombu_redis.Channel
     original = channel._connparams
@@ -40,5 +43,67 @@ def _lost_transport_is_a_connection_error() -> None:
     channel._connparams = _connparams
 
 
+def _reconnect_within_a_second() -> None:
+    """Reconnect to the broker every second, not with a backoff that grows to 30 s (kombu 5.7).
+
+    Celery's consumer calls `Connection.ensure_connection(errback, max_retries, callback=...)`
+    without intervals, so kombu's defaults apply: 2 s, then 4, 6, ... up to 30 s between
+    attempts. Measured: a worker cut off from Redis for 60 s (nftables drop in its network
+    namespace) did not serve again within 30 s of the link healing; after a 10 s cut, 18 s.
+    A connection attempt is cheap and a lost worker costs the whole cluster its share, so
+    try every second (the connect itself is bounded by `broker_connection_timeout`).
+    """
+    connection = kombu.connection.Connection
+    original = connection.ensure_connection
+    if getattr(original, "_luminagrid_fixed", False):
+        return
+
+    def ensure_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if len(args) <= 2:  # errback, max_retries: the intervals were not given
+            kwargs.setdefault("interval_start", 0)
+            kwargs.setdefault("interval_step", 0.5)
+            kwargs.setdefault("interval_max", 1)
+        return original(self, *args, **kwargs)
+
+    ensure_connection._luminagrid_fixed = True  # type: ignore[attr-defined]
+    connection.ensure_connection = ensure_connection
+
+
+def _patched(script: str, old: str, new: str, what: str) -> str:
+    if old not in script:
+        raise RuntimeError(
+            f"luminagrid.workarounds: Celery's {what} script changed, so the re-entrant join cannot be "
+            "applied; install the Celery version pyproject.toml allows (celery>=5.7,<6)."
+        )
+    return script.replace(old, new)
+
+
+# The Redis backend's chord join (Celery 5.7) is one Lua script per finished strip. It records the
+# strip once (by task id and index) and, when the last strip is in, claims the right to publish the
+# stitch with a random token (SET NX). `result_backend_always_retry` covers storing a result but
+# not this script: a Redis restart in that instant turned a finished strip into
+# `ChordError: Dependency <job>.strip1 raised network:ConnectionError` and failed the job (an 8K job,
+# 24 strips, Redis stopped for 1 s while strips stored their results; about 1 run in 6 with 200
+# strips). luminagrid's backend therefore retries every Redis command on connection errors
+# (`backend.PollingRedisBackend`). A retry can repeat a script whose reply was lost: recording is
+# already idempotent, but the claim is not (the token's own earlier SET blocks its NX), so the stitch
+# would never be published. These versions accept a claim the same token already holds, and a
+# cleanup that already ran. Reproduced by tests/test_supervision.py (phase "join").
+REENTRANT_CHORD_PART_RETURN_LUA = _patched(
+    celery_redis.CHORD_PART_RETURN_LUA,
+    "    if redis.call('SET', ckey, claim_token, 'NX', 'EX', claim_expires) then\n        claimed = 1\n    end",
+    "    if redis.call('SET', ckey, claim_token, 'NX', 'EX', claim_expires) then\n        claimed = 1\n"
+    "    elseif redis.call('GET', ckey) == claim_token then\n        claimed = 1\n    end",
+    "chord part return",
+)
+REENTRANT_CHORD_CLEANUP_LUA = _patched(
+    celery_redis.CHORD_CLEANUP_LUA,
+    "    return 1\nend\nreturn 0",
+    "    return 1\nend\nif redis.call('GET', ckey) == 'done' then\n    return 1\nend\nreturn 0",
+    "chord cleanup",
+)
+
+
 def apply() -> None:
     _lost_transport_is_a_connection_error()
+    _reconnect_within_a_second()

@@ -1,8 +1,17 @@
-"""Fault injection, loaded only into the crash tests' workers (`--include faults`). Never shipped.
+"""Fault injection, loaded only into the crash tests' workers (`--include faults`) and the tests
+that drive them. Never shipped.
 
 - `LUMINAGRID_TEST_STRIP_DELAY_S`: every strip first sleeps this long, so a test can kill it mid-run.
 - A strip whose first own row begins with `POISON` SIGKILLs its pool process, on every delivery:
   an input that always kills its worker.
+- `LUMINAGRID_TEST_RUNS`: a file every strip run appends to ("start"/"end", task id, pid, retries),
+  so a test can prove that its fault hit a run in flight and that the strip ran again.
+- `LUMINAGRID_TEST_HOLD_DIR`: phase holds. A test arms one phase (`arm`); the first process to get
+  there writes `<phase>.reached` and waits until the test writes `<phase>.release`, so the test can
+  stop Redis exactly then. Phases (`PHASES`), in a job's order: `publish` (the client, after 2
+  strips), `take` (a worker took a strip off the queue, not yet recorded as unacknowledged),
+  `run` (a strip computing), `store` (a strip about to store its result), `join` (about to join
+  the chord), `stitch` (the stitch computing), `collect` (the client about to read the result).
 - `LUMINAGRID_TEST_HOLD_UNACKED_MUTEX=1`: once the worker holds an unacknowledged message, its next
   sweep takes kombu's unacked lock and never lets go (the worker hangs there), as if the worker
   were killed mid-sweep.
@@ -10,31 +19,175 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
+from celery import current_task
+from celery.signals import after_task_publish
 from kombu.transport import redis as kombu_redis
 
-from luminagrid import canny
+from luminagrid import canny, jobs
+from luminagrid.backend import PollingRedisBackend, strip_of
+from luminagrid.ops.canny import Canny
 
 POISON = np.array([13, 37, 13, 37, 13, 37, 13, 37], np.uint8)
-_original = canny.canny_strip
+PHASES = ("publish", "take", "run", "store", "join", "stitch", "collect")
+HOLD_TIMEOUT_S = 120.0
+
+
+# --- phase holds ------------------------------------------------------------------------------
+
+def _hold_dir() -> Path | None:
+    raw = os.environ.get("LUMINAGRID_TEST_HOLD_DIR")
+    return Path(raw) if raw else None
+
+
+def hold(phase: str, **info: Any) -> None:
+    """If `phase` is armed and nobody reached it yet: say so, and wait for the release."""
+    folder = _hold_dir()
+    if folder is None:
+        return
+    try:
+        if (folder / "armed").read_text() != phase:
+            return
+        fd = os.open(folder / f"{phase}.reached", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except OSError:
+        return  # not armed, or another process got there first
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "t": time.time(), **info}, f)
+    deadline = time.monotonic() + HOLD_TIMEOUT_S
+    while not (folder / f"{phase}.release").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def arm(folder: Path, phase: str) -> None:
+    for stale in folder.glob("*.reached"):
+        stale.unlink()
+    for stale in folder.glob("*.release"):
+        stale.unlink()
+    (folder / "armed").write_text(phase)
+
+
+def reached(folder: Path, phase: str) -> dict[str, Any] | None:
+    path = folder / f"{phase}.reached"
+    try:
+        text = path.read_text()
+        return json.loads(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def release(folder: Path, phase: str) -> None:
+    (folder / f"{phase}.release").write_text("go")
+    (folder / "armed").write_text("")
+
+
+# --- run records --------------------------------------------------------------------------------
+
+def _record_run(what: str) -> None:
+    path = os.environ.get("LUMINAGRID_TEST_RUNS")
+    if not path:
+        return
+    request = current_task.request if current_task else None
+    line = json.dumps({"what": what, "task": getattr(request, "id", None), "pid": os.getpid(),
+                       "retries": getattr(request, "retries", 0), "t": time.time()})
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def runs(path: Path, task_id: str | None = None) -> list[dict[str, Any]]:
+    """The run records of `task_id` (or all), in order."""
+    if not path.exists():
+        return []
+    out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in out if task_id is None or r["task"] == task_id]
+
+
+# --- the patches --------------------------------------------------------------------------------
+
+_original_strip = canny.canny_strip
 
 
 def _faulty(gray: np.ndarray, halo_top: int, *args: Any, **kwargs: Any) -> canny.StripEdges:
+    _record_run("start")
     time.sleep(float(os.environ.get("LUMINAGRID_TEST_STRIP_DELAY_S", "0")))
     if np.array_equal(gray[halo_top, : POISON.size], POISON):
         os.kill(os.getpid(), signal.SIGKILL)
-    return _original(gray, halo_top, *args, **kwargs)
+    hold("run", task=getattr(current_task.request, "id", None) if current_task else None)
+    result = _original_strip(gray, halo_top, *args, **kwargs)
+    _record_run("end")
+    return result
 
 
 canny.canny_strip = _faulty
+
+_original_append = kombu_redis.QoS.append
+
+
+def _append(self: Any, message: Any, delivery_tag: str) -> None:
+    if (message.headers or {}).get("task") == "luminagrid.strip":
+        hold("take", task=message.headers.get("id"))
+    _original_append(self, message, delivery_tag)
+
+
+kombu_redis.QoS.append = _append
+
+_original_store = PollingRedisBackend._store
+
+
+def _store(self: Any, key: Any, value: Any, expires: Any, state: Any) -> None:
+    name = key.decode() if isinstance(key, bytes) else str(key)
+    if state == "SUCCESS" and strip_of(name.removeprefix("celery-task-meta-")) is not None:
+        hold("store", key=name)
+    _original_store(self, key, value, expires, state)
+
+
+PollingRedisBackend._store = _store
+
+_original_join = PollingRedisBackend.on_chord_part_return
+
+
+def _join(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+    hold("join", task=request.id)
+    return _original_join(self, request, *args, **kwargs)
+
+
+PollingRedisBackend.on_chord_part_return = _join
+
+_original_stitch = Canny.stitch
+
+
+def _stitch(self: Any, *args: Any, **kwargs: Any) -> Any:
+    hold("stitch")
+    return _original_stitch(self, *args, **kwargs)
+
+
+Canny.stitch = _stitch
+
+
+@after_task_publish.connect
+def _published(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    # The client, after its second strip message: the rest of the chord is still to come.
+    if (headers or {}).get("task") == "luminagrid.strip" and (headers or {}).get("group_index") == 1:
+        hold("publish", task=headers.get("id"))
+
+
+_original_collect = jobs.Job._collect
+
+
+def _collect(self: Any, *args: Any, **kwargs: Any) -> Any:
+    hold("collect", job=self.id)
+    return _original_collect(self, *args, **kwargs)
+
+
+jobs.Job._collect = _collect
 
 
 _original_mutex = kombu_redis.Mutex

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 from pathlib import Path
 
 import cv2
+import msgpack
 import numpy as np
 import pytest
 from conftest import synthetic
@@ -14,6 +17,7 @@ from hypothesis import strategies as st
 
 import luminagrid
 from luminagrid import codec
+from luminagrid.app import app
 from luminagrid.images import to_gray8
 from luminagrid.local import LocalCluster
 
@@ -115,12 +119,23 @@ def test_more_strips_than_rows_runs_as_few_strips_as_the_height_allows(cluster: 
     [("canny", 64), ("canny", 1200), ("bilateral", 700)],  # larger ones travel as claim checks
 )
 def test_a_finished_job_leaves_no_results_in_redis(cluster: LocalCluster, op: str, size: int) -> None:
+    """Every payload waits in Redis (the supervisor republishes from there); large ones travel
+    only as claims, small ones inside their messages too. A collected job leaves nothing behind."""
     from luminagrid import broker
+    from luminagrid.settings import QUEUE
 
-    job = luminagrid.submit(synthetic(11, size, size, 3), op=op, strips=4, codec="lossless")
     with broker.client(cluster.url) as r:
-        claimed = r.keys(f"luminagrid:in:{job.id}:*:payload")
-        assert len(claimed) == (4 if size > 300 else 0)
+        # Keep the strips queued a moment, to look at their messages.
+        app.control.cancel_consumer(QUEUE, reply=True)
+        try:
+            job = luminagrid.submit(synthetic(11, size, size, 3), op=op, strips=4, codec="lossless")
+            assert len(r.keys(f"luminagrid:in:{job.id}:*:payload")) == 4
+            payloads = [msgpack.unpackb(base64.b64decode(json.loads(m)["body"]))[0][2] for m in r.lrange(QUEUE, 0, -1)]
+            as_claims = sum(isinstance(p, dict) and "claim" in p for p in payloads)
+            assert len(payloads) == 4
+        finally:
+            app.control.add_consumer(QUEUE, reply=True)
+        assert (as_claims == 4) if size > 300 else (as_claims == 0)
         job.wait(TIMEOUT_S)
         assert not r.keys(f"*{job.id}*")
 

@@ -1,0 +1,196 @@
+"""Worker liveness: each worker's main process beats into Redis; anyone can read who is alive.
+
+A worker node (one `celery worker` main process) runs a `Beat` thread. Every `beat_s` (a quarter
+of `LUMINAGRID_LIVENESS_TTL_S`) it writes, in one round trip:
+- `alive:<node>`: a small record that expires after `liveness_ttl_s`, so a node that stops
+  beating (SIGKILLed, frozen, cut off by the network) is seen as lost within that time,
+  measured by Redis's own clock (no clock skew between machines matters);
+- `holds:<node>`: every message the node holds (received, running or waiting for a retry's
+  countdown), by delivery tag and task id; it outlives the liveness record, so a lost node's
+  last holdings can still be shown;
+- its name in the set of nodes.
+
+The thread runs beside the worker's event loop, independent of its pool: a strip that computes for
+an hour keeps its node alive. What the node holds is read from Celery's own worker state
+(reserved, active and scheduled requests), so it cannot drift from what the worker really has.
+A message received is reported within `POKE_S` (`poke`), so that a node lost right after it took
+a message is known to have held it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from celery.worker import state as worker_state
+
+from luminagrid.settings import ALIVE_KEY, HOLDS_KEY, NODES_KEY
+
+log = logging.getLogger(__name__)
+#: How long a lost node's last holdings are kept (for `status` and `workers`), in seconds.
+HOLDS_TTL_S = 600
+#: After a poke (a message received), the next beat comes this soon, but no sooner after the last.
+POKE_S = 0.05
+
+
+@dataclass(frozen=True)
+class Hold:
+    """One message a node holds."""
+
+    task_id: str
+    #: kombu's delivery tag: the message's key in the broker's `unacked` hash
+    tag: str
+    #: "running" (in a pool process), "reserved" (waiting for one) or "scheduled" (a retry's countdown)
+    state: str
+
+
+@dataclass(frozen=True)
+class Node:
+    """A worker node as its records in Redis describe it."""
+
+    id: str
+    hostname: str
+    pid: int
+    #: beats since the node started: a reader sees fresh news when it grows
+    seq: int
+    alive: bool
+    #: seconds since its last beat, by Redis's clock (from the holds record's remaining lifetime)
+    age_s: float | None
+    holds: tuple[Hold, ...] = field(default_factory=tuple)
+
+
+def node_id(hostname: str, pid: int | None = None) -> str:
+    """A node's id: its Celery hostname and main process id (unique even for equal hostnames)."""
+    return f"{hostname}[{pid or os.getpid()}]"
+
+
+def _requests() -> list[tuple[Any, str]]:
+    """(request, state) for every message this process's worker holds, from Celery's state.
+
+    Read from another thread than the one that changes these sets: retry on a concurrent change.
+    """
+    for _ in range(10):
+        try:
+            running = set(worker_state.active_requests)
+            held = [(r, "running") for r in running]
+            held += [(r, "reserved") for r in tuple(worker_state.reserved_requests) if r not in running]
+            held += [(r, "scheduled") for r in tuple(worker_state.scheduled_requests) if r not in running]
+            return held
+        except RuntimeError:  # "Set changed size during iteration"
+            time.sleep(0.001)
+    return []
+
+
+def current_holds() -> list[Hold]:
+    seen: set[str] = set()
+    out = []
+    for request, state in _requests():
+        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+        if tag is not None and tag not in seen:
+            seen.add(str(tag))
+            out.append(Hold(task_id=str(request.id), tag=str(tag), state=state))
+    return out
+
+
+class Beat(threading.Thread):
+    """Refreshes this node's liveness and holdings every `beat_s` until `stop()`."""
+
+    def __init__(self, client: redis.Redis, hostname: str, ttl_s: float) -> None:
+        super().__init__(name="luminagrid-beat", daemon=True)
+        self.client, self.hostname, self.ttl_s = client, hostname, ttl_s
+        self.id = node_id(hostname)
+        self.seq = 0
+        self._stop = threading.Event()
+        self._poked = threading.Event()
+        self._warned = False
+
+    @property
+    def interval_s(self) -> float:
+        return self.ttl_s / 4
+
+    def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                self.beat(current_holds())
+                if self._warned:
+                    log.warning("liveness: %s beats again", self.id)
+                    self._warned = False
+            except Exception as exc:  # noqa: BLE001 - the beat must outlive anything
+                if not self._warned:
+                    log.warning("liveness: %s cannot beat (%s); retrying", self.id, exc)
+                    self._warned = True
+            # Sleep until the next beat is due, or a poke brings it forward (to POKE_S after this one).
+            self._poked.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
+            if self._poked.is_set():
+                self._poked.clear()
+                self._stop.wait(max(0.0, POKE_S - (time.monotonic() - started)))
+            if self._stop.is_set():
+                return
+
+    def beat(self, holds: Iterable[Hold]) -> None:
+        self.seq += 1
+        ttl_ms = int(self.ttl_s * 1000)
+        alive = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "seq": self.seq})
+        held = json.dumps([[h.task_id, h.tag, h.state] for h in holds])
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(ALIVE_KEY.format(node=self.id), alive, px=ttl_ms)
+            pipe.set(HOLDS_KEY.format(node=self.id), held, ex=HOLDS_TTL_S)
+            pipe.sadd(NODES_KEY, self.id)
+            pipe.execute()
+
+    def poke(self) -> None:
+        """What the node holds changed (it received a message): report it soon."""
+        self._poked.set()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Stop beating and say so at once (a clean shutdown is not a lost node)."""
+        self._stop.set()
+        self._poked.set()
+        self.join(timeout_s)
+        try:
+            self.client.delete(ALIVE_KEY.format(node=self.id), HOLDS_KEY.format(node=self.id))
+            self.client.srem(NODES_KEY, self.id)
+        except redis.RedisError:
+            pass
+
+
+def read(client: redis.Redis, prune: bool = False) -> list[Node]:
+    """Every node that beat within `HOLDS_TTL_S`, alive or not, in two round trips.
+
+    `prune`: also remove nodes with neither record left from the set of nodes.
+    """
+    ids = sorted(i.decode() for i in client.smembers(NODES_KEY))
+    if not ids:
+        return []
+    with client.pipeline(transaction=False) as pipe:
+        for i in ids:
+            pipe.get(ALIVE_KEY.format(node=i))
+            pipe.pttl(HOLDS_KEY.format(node=i))
+            pipe.get(HOLDS_KEY.format(node=i))
+        replies = pipe.execute()
+    nodes, gone = [], []
+    for n, i in enumerate(ids):
+        alive_raw, pttl_ms, holds_raw = replies[3 * n: 3 * n + 3]
+        if alive_raw is None and holds_raw is None:
+            gone.append(i)  # stopped, or lost long ago
+            continue
+        alive = json.loads(alive_raw) if alive_raw else {}
+        holds = tuple(Hold(str(t), str(g), str(s)) for t, g, s in json.loads(holds_raw)) if holds_raw else ()
+        hostname, _, pid = i.rpartition("[")
+        nodes.append(Node(
+            id=i, hostname=hostname, pid=int(pid.rstrip("]") or 0), seq=int(alive.get("seq", -1)),
+            alive=alive_raw is not None, holds=holds,
+            age_s=None if pttl_ms is None or pttl_ms < 0 else max(0.0, HOLDS_TTL_S - pttl_ms / 1000),
+        ))
+    if prune and gone:
+        client.srem(NODES_KEY, *gone)
+    return nodes

@@ -1,0 +1,221 @@
+"""A job's record in Redis: what any machine needs to follow, recover, cancel or collect the job.
+
+A job is written to Redis before its first message: the record (`settings.JOB_KEY`: the job
+message, output path, submit time, state), every strip's payload under its claim key, and the
+job's entry in the supervisor's set of active jobs. So a worker's supervisor can publish any strip
+again, or the stitch, without the submitter; `cli.py status/result/cancel` work from anywhere.
+
+Task ids are fixed by the job id: strip i is `<job>.strip<i>`, the strips' group `<job>.strips`,
+the stitch `<job>`. Everything expires with the job's results (`LUMINAGRID_RESULT_TTL_S`).
+
+States: `publishing` (the submitter is still sending strips), `running`, `cancelled`.
+Whether a job is done or failed is its stitch task's result, not a state here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import redis
+
+from luminagrid import broker, claims, messages, strips
+from luminagrid.app import app
+from luminagrid.errors import JobNotFound
+from luminagrid.settings import (
+    ACTIVE_JOBS_KEY,
+    CANCEL_KEY,
+    CANCELLED_JOBS_KEY,
+    JOB_EVENTS_KEY,
+    JOB_KEY,
+    PROGRESS_KEY,
+    WALK_KEY,
+)
+
+PUBLISHING, RUNNING, CANCELLED = "publishing", "running", "cancelled"
+
+
+@dataclass(frozen=True)
+class Record:
+    """A job as stored in Redis."""
+
+    spec: messages.JobSpec
+    output: str | None
+    submitted_at: float
+    state: str = PUBLISHING
+    #: the submitter returned right after publishing (`submit --detach`)
+    detached: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def group_id(self) -> str:
+        """The strips' group: the key of the chord join in Celery's Redis backend."""
+        return f"{self.id}.strips"
+
+    def strip_task_id(self, index: int) -> str:
+        return f"{self.id}.strip{index}"
+
+    @property
+    def task_ids(self) -> list[str]:
+        """Every task of the job: the strips in order, then the stitch (whose id is the job's)."""
+        return [*(self.strip_task_id(i) for i in range(self.spec.strips)), self.id]
+
+    def plan(self) -> list[strips.Strip]:
+        return strips.plan_strips(self.spec.height, self.spec.strips, self.spec.halo_rows)
+
+    def strip_label(self, s: strips.Strip) -> str:
+        """What Flower and logs show for a strip task instead of kilobytes of pixels."""
+        return f"job {self.id[:8]} {self.spec.op} strip {s.index + 1}/{self.spec.strips} rows {s.row0}-{s.row1}"
+
+    @property
+    def stitch_label(self) -> str:
+        return f"job {self.id[:8]} {self.spec.op} stitch {self.spec.strips} strips"
+
+    # --- storage ----------------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps({**self.spec.to_message(), "output": self.output, "submitted_at": self.submitted_at,
+                           "state": self.state, "detached": self.detached})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, max_pixels: int) -> Record:
+        data = json.loads(raw)
+        return cls(spec=messages.parse_job(data, max_pixels), output=data.get("output"),
+                   submitted_at=float(data["submitted_at"]), state=str(data.get("state", RUNNING)),
+                   detached=bool(data.get("detached", False)))
+
+    def save(self, ttl_s: int, pipe: redis.client.Pipeline | None = None) -> None:
+        """Write the record and the job's place among the active jobs (in `pipe` if given)."""
+        target = pipe if pipe is not None else client().pipeline(transaction=False)
+        target.set(JOB_KEY.format(job=self.id), self.to_json(), ex=ttl_s)
+        if self.state != CANCELLED:
+            target.zadd(ACTIVE_JOBS_KEY, {self.id: self.submitted_at})
+        if pipe is None:
+            target.execute()
+
+    def with_state(self, state: str) -> Record:
+        return replace(self, state=state)
+
+
+def client() -> redis.Redis:
+    """Where luminagrid's own keys live: the result backend's Redis. Its client retries a command
+    for up to a minute while Redis is away (`backend.retrying`): for writes that must land."""
+    return app.backend.client
+
+
+_fast: dict[str, redis.Redis] = {}
+
+
+def fast_client() -> redis.Redis:
+    """A client of the same Redis that fails at the first connection error: for loops that look
+    again anyway (a waiting client), so they can notice an outage and keep their own deadline."""
+    url = str(app.conf.result_backend).split("+", 1)[-1]
+    if url not in _fast:
+        _fast[url] = broker.client(url, timeout_s=5.0, retry=False)
+    return _fast[url]
+
+
+def key(job_id: str) -> str:
+    return JOB_KEY.format(job=job_id)
+
+
+def load(job_id: str, max_pixels: int) -> Record:
+    """The record of job `job_id`, or raise `JobNotFound`."""
+    raw = client().get(key(job_id))
+    if raw is None:
+        raise JobNotFound(
+            f"no job {job_id!r} in Redis at {broker.redacted(app.conf.broker_url)}: it was never "
+            "submitted there, was already collected, or expired; check the id and LUMINAGRID_BROKER_URL."
+        )
+    return Record.from_json(raw, max_pixels)
+
+
+def progress(job_id: str, db: redis.Redis | None = None) -> dict[int, str]:
+    """Strip index -> final state (SUCCESS or FAILURE) of the strips that finished."""
+    return {int(k): v.decode() for k, v in (db or client()).hgetall(PROGRESS_KEY.format(job=job_id)).items()}
+
+
+def metas(task_ids: list[str], db: redis.Redis | None = None) -> list[dict[str, Any] | None]:
+    """Celery's stored result of each task (one MGET; None where nothing is stored yet)."""
+    backend = app.backend
+    raws = (db or client()).mget([backend.get_key_for_task(t) for t in task_ids]) if task_ids else []
+    return [None if raw is None else backend.decode_result(raw) for raw in raws]
+
+
+def event_text(raw: bytes) -> str:
+    """One of the supervisor's events (`settings.EVENTS_KEY`) as a line: local time, then what happened."""
+    try:
+        event = json.loads(raw)
+        return f"{time.strftime('%H:%M:%S', time.localtime(float(event['t'])))} {event['text']}"
+    except (ValueError, KeyError, TypeError):
+        return raw.decode(errors="replace")
+
+
+def exists(job_id: str, db: redis.Redis | None = None) -> bool:
+    return bool((db or client()).exists(key(job_id)))
+
+
+def request_walk(reason: str, db: redis.Redis | None = None) -> None:
+    """Ask the supervisor to look for lost messages at its next beat (`supervisor.py`, step 6)."""
+    (db or client()).set(WALK_KEY, reason, ex=3600)
+
+
+def forget_strip(job_id: str, index: int, db: redis.Redis | None = None) -> None:
+    """Unfinish strip `index`: its output is lost (a claim gone in a crash of Redis), so its result
+    must not count. The supervisor then finds it nowhere and publishes it again."""
+    with (db or client()).pipeline(transaction=True) as pipe:
+        pipe.hdel(PROGRESS_KEY.format(job=job_id), str(index))
+        pipe.delete(app.backend.get_key_for_task(f"{job_id}.strip{index}"))
+        pipe.execute()
+
+
+def reopen(record: Record, db: redis.Redis | None = None) -> None:
+    """Unfinish the stitch: its output is lost, so the supervisor must stitch the job again."""
+    with (db or client()).pipeline(transaction=True) as pipe:
+        pipe.delete(app.backend.get_key_for_task(record.id))
+        pipe.zadd(ACTIVE_JOBS_KEY, {record.id: record.submitted_at})
+        pipe.set(WALK_KEY, f"job {record.id}'s output was lost", ex=3600)
+        pipe.execute()
+
+
+def is_cancelled(job_id: str, db: redis.Redis | None = None) -> bool:
+    return bool((db or client()).exists(CANCEL_KEY.format(job=job_id)))
+
+
+def data_keys(record: Record) -> list[str]:
+    """Every key holding the job's data (not the record, not the cancel mark)."""
+    backend = app.backend
+    chord = [backend.get_key_for_group(record.group_id, suffix) for suffix in ("", ".j", ".t", ".s", ".d", ".c")]
+    return [
+        PROGRESS_KEY.format(job=record.id), JOB_EVENTS_KEY.format(job=record.id),
+        *(backend.get_key_for_task(t) for t in record.task_ids), *chord,
+        *claims.keys_of(record.id, record.spec.strips, record.spec.operation.fields),
+    ]
+
+
+def cancel(record: Record, ttl_s: int) -> None:
+    """Mark the job cancelled (its strips are skipped from now on) and delete its data.
+
+    The supervisor deletes the data once more when no worker holds the job's tasks any more,
+    in case a strip that was already running stored its output after this.
+    """
+    with client().pipeline(transaction=True) as pipe:
+        pipe.set(CANCEL_KEY.format(job=record.id), "1", ex=ttl_s)
+        record.with_state(CANCELLED).save(ttl_s, pipe)
+        pipe.zrem(ACTIVE_JOBS_KEY, record.id)
+        pipe.zadd(CANCELLED_JOBS_KEY, {record.id: time.time()})
+        pipe.delete(*data_keys(record))
+        pipe.execute()
+
+
+def forget(record: Record) -> None:
+    """Delete everything the job left in Redis (after its output was collected)."""
+    with client().pipeline(transaction=True) as pipe:
+        pipe.delete(key(record.id), *data_keys(record))
+        pipe.zrem(ACTIVE_JOBS_KEY, record.id)
+        pipe.execute()

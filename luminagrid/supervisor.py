@@ -1,0 +1,524 @@
+"""The supervisor: recovery that runs inside the cluster and costs the same however long the queue.
+
+Every worker's main process runs a `Supervisor` thread. The one holding the lease (a Redis key
+that expires `liveness_ttl_s` after its holder stops renewing it) acts; the others only try to
+take the lease. Every beat (a quarter of `LUMINAGRID_LIVENESS_TTL_S`, 0.5 s by default) the
+leader:
+
+1. **Watches Redis's run id.** A restart can lose a message a worker was taking off the queue, a
+   crash the last writes. After one, it waits until the workers have beaten again, then looks
+   for lost messages (6).
+2. **Judges liveness** (`liveness.py`): a node whose liveness record expired is lost. Its
+   messages go back to the queue at once (3), and lost messages are looked for (6), since a node
+   cut off by the network can take a message it never receives.
+3. **Restores orphans**: a message in kombu's `unacked` hash that no live node holds (its node is
+   lost, or a Redis restart made its node drop it) goes back to the head of its queue, as kombu's
+   visibility-timeout sweep would do an hour later; if its task already finished (its
+   acknowledgement was lost), it is dropped instead. A message its lost node reported goes back at
+   once; one nobody reported, once every live node beat twice without it.
+4. **Finishes stitches**: a job whose strips all finished but whose stitch is nowhere (not done,
+   held, unacknowledged or queued, on looks `grace_s` apart), e.g. because a Redis crash lost the
+   chord's state, gets its stitch published again with the strips' stored results.
+5. **Counts**: if fewer strips are queued than the active jobs account for (strips minus finished
+   minus held), something was lost without a restart or a lost node: look (6).
+6. **Looks for lost messages** (only after 1, 2 or 5, or a client's request): the active jobs'
+   strips that are neither finished, held, unacknowledged nor queued (the queue read a page at a
+   time), and still so `grace_s` later, are published again under their task ids from their
+   records and payloads in Redis.
+7. **Deletes cancelled jobs' data** once no node holds their tasks any more.
+
+Each of these reads only O(workers + unacknowledged messages + active jobs) keys per beat;
+only step 6 reads the queue, and only after an event. Recoveries are logged at WARNING and kept in
+`settings.EVENTS_KEY` for `cli.py status`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import kombu.exceptions
+import redis
+from celery import states
+from celery.exceptions import ChordError
+
+from luminagrid import claims, liveness, queues
+from luminagrid import record as records
+from luminagrid.app import app
+from luminagrid.backend import strip_of
+from luminagrid.broker import client as redis_client
+from luminagrid.errors import MessageError
+from luminagrid.record import RUNNING, Record
+from luminagrid.settings import (
+    ACTIVE_JOBS_KEY,
+    CANCELLED_JOBS_KEY,
+    EVENTS_KEY,
+    JOB_EVENTS_KEY,
+    LEASE_KEY,
+    PROGRESS_KEY,
+    QUEUE,
+    QUEUES,
+    RUN_KEY,
+    STITCH_QUEUE,
+    WALK_KEY,
+    Settings,
+)
+from luminagrid.tasks import republish_stitch, republish_strip
+
+log = logging.getLogger(__name__)
+ERRORS = (redis.RedisError, OSError, kombu.exceptions.OperationalError)
+#: Most messages restored or published again per beat (a burst after a big node is lost).
+MAX_ACTIONS_PER_BEAT = 2000
+#: Events kept in `EVENTS_KEY`.
+MAX_EVENTS = 1000
+#: A count shortfall must last this long before it triggers a look, and looks it triggers are
+#: at least this far apart, in seconds.
+COUNT_SHORT_S = 3.0
+COUNT_WALK_EVERY_S = 30.0
+#: A job that needed more recoveries than this fails (something keeps losing its data).
+MAX_RECOVERIES_PER_JOB = 50
+#: A lost strip whose payload is gone from Redis (a crash lost it) fails its job after this long,
+#: unless its submitter, still waiting, writes it again meanwhile.
+PAYLOAD_WAIT_S = 10.0
+
+# 2: taken, 1: renewed, 0: someone else holds it.
+_LEASE_LUA = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 2 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+
+
+def state_of(head: bytes | None) -> str | None:
+    """A Celery result's state from the first bytes of its stored value, without reading the rest.
+
+    Celery stores `{"status": STATE, "result": ...}` with the status first; msgpack and JSON
+    both keep the state's name as plain text there.
+    """
+    if not head:
+        return None
+    for state in (*states.READY_STATES, states.STARTED, states.RETRY):
+        if state.encode() in head:
+            return state
+    return states.PENDING
+
+
+@dataclass
+class _Orphan:
+    first_seen: float
+    #: the live nodes' beat counts when it was first seen unheld
+    seqs: dict[str, int]
+
+
+@dataclass
+class _Suspect:
+    since: float
+    payload_missing_since: float | None = None
+
+
+@dataclass
+class _View:
+    """What one beat read: nodes, unacknowledged tags, active jobs and their progress."""
+
+    nodes: list[liveness.Node]
+    tags: list[str]
+    jobs: list[Record]
+    finished: dict[str, int] = field(default_factory=dict)  # job id -> strips finished
+    _unacked_ids: set[str] | None = None
+
+    @property
+    def live(self) -> list[liveness.Node]:
+        return [n for n in self.nodes if n.alive]
+
+    @property
+    def held_ids(self) -> set[str]:
+        return {h.task_id for n in self.live for h in n.holds}
+
+
+class Supervisor(threading.Thread):
+    """Supervision, in a thread of a worker's main process (see the module's docstring)."""
+
+    def __init__(self, node: str, settings: Settings) -> None:
+        super().__init__(name="luminagrid-supervisor", daemon=True)
+        self.node, self.settings = node, settings
+        # Its own clients, failing fast: a beat that cannot reach Redis is simply repeated.
+        self.db = redis_client(settings.result_backend, retry=False)  # luminagrid's keys, results
+        self.mq = redis_client(settings.broker_url, retry=False)  # queues, unacked
+        self._same_redis = settings.result_backend == settings.broker_url
+        self._lease = self.db.register_script(_LEASE_LUA)
+        self._stop = threading.Event()
+        self._last_error = ""
+        self.leading = False
+        self._forget_state()
+
+    def _forget_state(self) -> None:
+        self.run_ids: tuple[str, ...] | None = None
+        self.stable_since = time.monotonic()
+        self.alive_before: set[str] = set()
+        self.orphans: dict[str, _Orphan] = {}
+        self.foreign: set[str] = set()
+        self.walk_due: float | None = None
+        self.walk_reason = ""
+        self.suspects: dict[str, _Suspect] = {}
+        self.stitch_suspects: dict[str, float] = {}
+        self.records: dict[str, Record] = {}
+        self.short_since: float | None = None
+        self.last_count_walk = -math.inf
+
+    @property
+    def beat_s(self) -> float:
+        return self.settings.beat_s
+
+    @property
+    def grace_s(self) -> float:
+        """How long a task must stay unaccounted for before it counts as lost: 2 beats (a message a
+        live node took is in `unacked` at once, and in the node's holds by its next beat)."""
+        return 2 * self.beat_s
+
+    # --- the thread -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self._stop.wait(self.beat_s):
+            try:
+                self.tick()
+                self._last_error = ""
+            except ERRORS as exc:  # Redis away: look again next beat
+                if str(exc) != self._last_error:
+                    log.warning("supervisor on %s: Redis unreachable (%s); retrying", self.node, exc)
+                    self._last_error = str(exc)
+            except Exception:  # noqa: BLE001 - supervision must outlive a bug in one beat
+                log.exception("supervisor on %s: a beat failed", self.node)
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        self.join(timeout_s)
+        if self.leading:
+            try:
+                if self.db.get(LEASE_KEY) == self.node.encode():
+                    self.db.delete(LEASE_KEY)
+            except ERRORS:
+                pass
+
+    # --- one beat ---------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if not self._hold_lease():
+            return
+        self._watch_restarts(now)
+        requested = self.db.getdel(WALK_KEY)
+        if requested:
+            self._request_walk(requested.decode(errors="replace"), now)
+        view = _View(nodes=liveness.read(self.db, prune=True), tags=queues.unacked_tags(self.mq), jobs=self._active_jobs())
+        stable = now - self.stable_since >= self.settings.liveness_ttl_s + self.beat_s
+        if not stable:  # just after a restart every node looks lost: let them beat again first
+            return
+        self._judge(view, now)
+        self._restore_orphans(view, now)
+        self._check_jobs(view, now)
+        self._purge_cancelled(view)
+        if self.walk_due is not None and now >= self.walk_due:
+            self._walk(view, now)
+        self._confirm_lost(view, now)
+
+    def _hold_lease(self) -> bool:
+        got = int(self._lease(keys=[LEASE_KEY], args=[self.node, int(self.settings.liveness_ttl_s * 1000)]))
+        if got == 0:
+            if self.leading:
+                log.warning("supervisor: %s no longer holds the lease", self.node)
+                self.leading = False
+            return False
+        if not self.leading:
+            self._forget_state()
+            self.leading = True
+            log.warning("supervisor: %s supervises now", self.node)
+            # Whatever happened while nobody (or a lost node) supervised: look once.
+            self._request_walk(f"{self.node} took over supervision", time.monotonic())
+        return True
+
+    def _watch_restarts(self, now: float) -> None:
+        ids: tuple[str, ...] = (str(self.db.info("server")["run_id"]),)
+        if not self._same_redis:
+            ids += (str(self.mq.info("server")["run_id"]),)
+        if self.run_ids is None:  # just took over: did Redis restart since the last leader looked?
+            seen = self.db.get(RUN_KEY)
+            self.run_ids = tuple(seen.decode().split(",")) if seen else ()
+            if self.run_ids == ids:
+                self.stable_since = -math.inf  # no: what Redis holds now is as fresh as it gets
+        if ids != self.run_ids:
+            self.stable_since = now
+            self.orphans.clear()
+            if self.run_ids:
+                self._event(None, "Redis restarted (new run id): looking for lost messages once workers beat again")
+            self._request_walk("Redis restarted", now)
+            self.db.set(RUN_KEY, ",".join(ids))
+        self.run_ids = ids
+
+    def _request_walk(self, reason: str, when: float) -> None:
+        if self.walk_due is None or when < self.walk_due:
+            self.walk_due, self.walk_reason = when, reason
+
+    def _event(self, job: str | None, text: str) -> None:
+        """Log a recovery, and keep it for operators (`EVENTS_KEY`) and for the job's `status`."""
+        log.warning("supervisor: %s", text)
+        line = json.dumps({"t": time.time(), "job": job, "text": text})
+        with self.db.pipeline(transaction=False) as pipe:
+            pipe.lpush(EVENTS_KEY, line)
+            pipe.ltrim(EVENTS_KEY, 0, MAX_EVENTS - 1)
+            if job:
+                pipe.rpush(JOB_EVENTS_KEY.format(job=job), line)
+                pipe.expire(JOB_EVENTS_KEY.format(job=job), self.settings.result_ttl_s)
+            replies = pipe.execute()
+        if job and replies[2] > MAX_RECOVERIES_PER_JOB:
+            app.backend.mark_as_failure(job, MessageError(
+                f"job {job} needed more than {MAX_RECOVERIES_PER_JOB} recoveries (the last: {text}); "
+                "something keeps losing its data: check Redis's persistence and the workers' logs"))
+
+    # --- 2. liveness --------------------------------------------------------------------------
+
+    def _judge(self, view: _View, now: float) -> None:
+        alive = {n.id for n in view.live}
+        for n in view.nodes:
+            if not n.alive and n.id in self.alive_before:
+                self._event(None, f"worker {n.id} is lost (no beat for {self.settings.liveness_ttl_s:g} s); "
+                                  f"it held {len(n.holds)} message(s)")
+                self._request_walk(f"worker {n.id} lost", now)
+        self.alive_before = alive
+
+    # --- 3. orphans ---------------------------------------------------------------------------
+
+    def _restore_orphans(self, view: _View, now: float) -> None:
+        held_live = {h.tag for n in view.live for h in n.holds}
+        held_lost = {h.tag: n.id for n in view.nodes if not n.alive for h in n.holds}
+        seqs = {n.id: n.seq for n in view.live}
+        current = set(view.tags)
+        self.orphans = {t: o for t, o in self.orphans.items() if t in current}
+        self.foreign &= current
+        due: list[tuple[str, str | None]] = []
+        for tag in view.tags:
+            if tag in held_live or tag in self.foreign:
+                self.orphans.pop(tag, None)
+            elif tag in held_lost:
+                due.append((tag, held_lost[tag]))  # its holder is lost: no need to wait
+            else:
+                # Unreported: restore it once every node alive then has beaten twice since without it
+                # (nodes report a message within `liveness.POKE_S` of taking it).
+                o = self.orphans.setdefault(tag, _Orphan(now, seqs))
+                if now - o.first_seen >= self.beat_s and all(seqs.get(i, s + 2) >= s + 2 for i, s in o.seqs.items()):
+                    due.append((tag, None))
+        if not due:
+            return
+        due = due[:MAX_ACTIONS_PER_BEAT]
+        found = queues.unacked_tasks(self.mq, [t for t, _ in due])
+        with app.connection_for_write() as connection:
+            for tag, holder in due:
+                self.orphans.pop(tag, None)
+                if tag not in found:
+                    continue  # acknowledged meanwhile
+                task_id, queue = found[tag]
+                if queue not in QUEUES:
+                    self.foreign.add(tag)  # another application's message: not ours to judge
+                    continue
+                whose = f"its worker {holder} is lost" if holder else "no live worker holds it"
+                if self._finished(task_id):
+                    queues.drop(self.mq, tag)
+                    log.warning("supervisor: dropped the unacknowledged message of finished task %s (%s)", task_id, whose)
+                else:
+                    queues.restore(connection, tag)
+                    self._event(_job_of(task_id), f"restored task {task_id} to its queue ({whose})")
+
+    def _finished(self, task_id: str) -> bool:
+        """Whether the task already stored its final result (or its job was cancelled)."""
+        strip = strip_of(task_id)
+        if strip is not None:
+            return bool(self.db.hexists(PROGRESS_KEY.format(job=strip[0]), str(strip[1]))) or records.is_cancelled(strip[0], self.db)
+        return state_of(self.db.getrange(app.backend.get_key_for_task(task_id), 0, 63)) in states.READY_STATES
+
+    # --- the jobs -----------------------------------------------------------------------------
+
+    def _active_jobs(self) -> list[Record]:
+        ids = [i.decode() for i in self.db.zrange(ACTIVE_JOBS_KEY, 0, -1)]
+        need = [i for i in ids if i not in self.records or self.records[i].state != RUNNING]
+        gone = []
+        for job_id, raw in zip(need, self.db.mget([records.key(i) for i in need]) if need else []):
+            try:
+                if raw is None:
+                    raise MessageError("no record")
+                self.records[job_id] = Record.from_json(raw, self.settings.max_pixels)
+            except (MessageError, ValueError, KeyError):
+                self.records.pop(job_id, None)
+                gone.append(job_id)  # expired, collected, or not ours
+        self.records = {i: r for i, r in self.records.items() if i in set(ids)}
+        if gone:
+            self.db.zrem(ACTIVE_JOBS_KEY, *gone)
+        return [self.records[i] for i in ids if i in self.records and self.records[i].state != records.CANCELLED]
+
+    def _check_jobs(self, view: _View, now: float) -> None:
+        """Progress of every active job in one round trip; then 4 (stitches) and 5 (counts)."""
+        with self.db.pipeline(transaction=False) as pipe:
+            for r in view.jobs:
+                pipe.hlen(PROGRESS_KEY.format(job=r.id))
+                pipe.getrange(app.backend.get_key_for_task(r.id), 0, 63)
+            replies = pipe.execute()
+        ended, waiting = [], []
+        for r, finished, head in zip(view.jobs, replies[::2], replies[1::2]):
+            view.finished[r.id] = int(finished)
+            if state_of(head) in states.READY_STATES:
+                ended.append(r.id)  # the stitch stored its result: nothing left to supervise
+            elif r.state == RUNNING and int(finished) >= r.spec.strips:
+                waiting.append(r)
+        if ended:
+            self.db.zrem(ACTIVE_JOBS_KEY, *ended)
+        self.stitch_suspects = {j: t for j, t in self.stitch_suspects.items() if j in {r.id for r in waiting}}
+        if waiting:
+            self._finish_stitches(view, waiting, now)
+        self._check_counts(view, now)
+
+    # --- 4. stitches --------------------------------------------------------------------------
+
+    def _finish_stitches(self, view: _View, waiting: list[Record], now: float) -> None:
+        held = view.held_ids | self._unacked_ids(view)
+        queued = queues.find_queued(self.mq, STITCH_QUEUE, {r.id for r in waiting} - held)
+        for r in waiting:
+            if r.id in held or r.id in queued:
+                self.stitch_suspects.pop(r.id, None)
+                continue
+            since = self.stitch_suspects.setdefault(r.id, now)
+            if now - since < self.grace_s:
+                continue
+            del self.stitch_suspects[r.id]
+            strip_metas = records.metas([r.strip_task_id(i) for i in range(r.spec.strips)], self.db)
+            missing = [i for i, m in enumerate(strip_metas) if m is None]
+            if missing:  # counted as finished, but their results are gone: they run again
+                for i in missing:
+                    records.forget_strip(r.id, i, self.db)
+                self._request_walk(f"job {r.id}: results of strips {missing} are gone", now)
+                continue
+            failed = [i for i, m in enumerate(strip_metas) if m is not None and m["status"] != states.SUCCESS]
+            if failed:  # the chord's own error handling did not mark the job
+                i = failed[0]
+                app.backend.mark_as_failure(r.id, ChordError(f"Dependency {r.strip_task_id(i)} failed"))
+                self._event(r.id, f"job {r.id}: strip {i + 1}/{r.spec.strips} failed but the job was not marked failed; "
+                                  "marked it")
+                continue
+            republish_stitch(r, [m["result"] for m in strip_metas])
+            self._event(r.id, f"job {r.id}: every strip is done but its stitch was nowhere; published the stitch again")
+
+    def _unacked_ids(self, view: _View) -> set[str]:
+        if view._unacked_ids is None:
+            view._unacked_ids = {task for task, _ in queues.unacked_tasks(self.mq, view.tags).values()}
+        return view._unacked_ids
+
+    # --- 5. counts ----------------------------------------------------------------------------
+
+    def _check_counts(self, view: _View, now: float) -> None:
+        running = [r for r in view.jobs if r.state == RUNNING]
+        held_per_job: dict[str, int] = defaultdict(int)
+        for task_id in view.held_ids:
+            strip = strip_of(task_id)
+            if strip is not None:
+                held_per_job[strip[0]] += 1
+        expected = sum(max(0, r.spec.strips - view.finished.get(r.id, 0) - held_per_job[r.id]) for r in running)
+        if not expected or queues.queued_count(self.mq, QUEUE) >= expected:
+            self.short_since = None
+            return
+        self.short_since = self.short_since or now
+        if now - self.short_since >= COUNT_SHORT_S and now - self.last_count_walk >= COUNT_WALK_EVERY_S:
+            self.last_count_walk = now
+            self._request_walk(f"fewer strips queued than the active jobs need ({expected})", now)
+
+    # --- 6. lost messages ---------------------------------------------------------------------
+
+    def _walk(self, view: _View, now: float) -> None:
+        reason, self.walk_due = self.walk_reason, None
+        running = [r for r in view.jobs if r.state == RUNNING]
+        with self.db.pipeline(transaction=False) as pipe:
+            for r in running:
+                pipe.hkeys(PROGRESS_KEY.format(job=r.id))
+            finished = [{int(i) for i in keys} for keys in pipe.execute()] if running else []
+        accounted = view.held_ids | self._unacked_ids(view)
+        wanted = {
+            r.strip_task_id(i) for r, done in zip(running, finished) for i in range(r.spec.strips) if i not in done
+        } - accounted
+        queued = queues.find_queued(self.mq, QUEUE, wanted) if wanted else set()
+        lost = wanted - queued
+        for task_id in lost:
+            self.suspects.setdefault(task_id, _Suspect(now))
+        log.warning("supervisor: looked for lost messages (%s): %d unfinished strip(s) not held, %d queued, %d not found",
+                    reason, len(wanted), len(queued), len(lost))
+
+    def _confirm_lost(self, view: _View, now: float) -> None:
+        due = [t for t, s in self.suspects.items() if now - s.since >= self.grace_s]
+        if not due:
+            return
+        accounted = view.held_ids | self._unacked_ids(view)
+        by_job: dict[str, list[int]] = defaultdict(list)
+        for task_id in due:
+            strip = strip_of(task_id)
+            if strip is None or task_id in accounted or strip[0] not in self.records:
+                self.suspects.pop(task_id, None)
+            else:
+                by_job[strip[0]].append(strip[1])
+        actions = 0
+        for job_id, indices in by_job.items():
+            r = self.records[job_id]
+            with self.db.pipeline(transaction=False) as pipe:
+                pipe.hmget(PROGRESS_KEY.format(job=job_id), [str(i) for i in indices])
+                for i in indices:
+                    pipe.exists(claims.key_for(job_id, "in", i))
+                done, *present = pipe.execute()
+            for i, state, has_payload in zip(indices, done, present):
+                task_id = r.strip_task_id(i)
+                if state is not None:
+                    self.suspects.pop(task_id, None)  # it finished after all
+                elif actions >= MAX_ACTIONS_PER_BEAT:
+                    continue  # next beat
+                elif has_payload:
+                    republish_strip(r, i)
+                    actions += 1
+                    self.suspects.pop(task_id, None)
+                    self._event(job_id, f"job {job_id}: strip {i + 1}/{r.spec.strips} was lost (found nowhere); "
+                                        "published it again")
+                else:
+                    self._payload_gone(r, i, now)
+
+    def _payload_gone(self, r: Record, index: int, now: float) -> None:
+        """A lost strip whose payload is gone too: wait for its submitter to write it again, then fail."""
+        suspect = self.suspects[r.strip_task_id(index)]
+        suspect.payload_missing_since = suspect.payload_missing_since or now
+        if now - suspect.payload_missing_since < PAYLOAD_WAIT_S:
+            return
+        self.suspects.pop(r.strip_task_id(index), None)
+        app.backend.mark_as_failure(r.id, MessageError(
+            f"strip {index + 1}/{r.spec.strips} was lost and its pixels are gone from Redis (did Redis crash right "
+            "after the job was submitted?); submit the image again"))
+        self._event(r.id, f"job {r.id}: strip {index + 1} was lost with its payload; failed the job")
+
+    # --- 7. cancelled jobs --------------------------------------------------------------------
+
+    def _purge_cancelled(self, view: _View) -> None:
+        entries = self.db.zrange(CANCELLED_JOBS_KEY, 0, -1, withscores=True)
+        if not entries:
+            return
+        held_jobs = {strip[0] if (strip := strip_of(t)) else t for t in view.held_ids}
+        for raw_id, cancelled_at in entries:
+            job_id = raw_id.decode()
+            if job_id in held_jobs or time.time() - cancelled_at < 2 * self.beat_s:
+                continue
+            raw = self.db.get(records.key(job_id))
+            if raw is not None:
+                try:
+                    self.db.delete(*records.data_keys(Record.from_json(raw, self.settings.max_pixels)))
+                except (MessageError, ValueError, KeyError):
+                    pass
+            self.db.zrem(CANCELLED_JOBS_KEY, job_id)
+
+
+def _job_of(task_id: str) -> str:
+    strip = strip_of(task_id)
+    return strip[0] if strip else task_id
