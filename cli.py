@@ -21,11 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from luminagrid import batch, broker, images, jobs, local, monitor, ops
+from luminagrid.app import app as _app
 from luminagrid.app import use_broker
 from luminagrid.codec import Codec
 from luminagrid.errors import EmbeddedError, InputError, JobCancelled, JobFailed, LuminagridError, OutputError
 from luminagrid.settings import Settings
 from luminagrid.stages import Stages
+from luminagrid.status import Status
 
 HELP = "Exact, distributed image processing (Canny, blur, bilateral, denoise) on Celery and Redis."
 HELP_SUBMIT = (
@@ -82,6 +84,12 @@ def exits(command: Callable[P, None]) -> Callable[P, None]:
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except jobs.REDIS_ERRORS as exc:  # Redis went away in the middle of a command
+            if state["debug"]:
+                raise
+            typer.echo(f"error: lost Redis at {broker.redacted(_app.conf.broker_url)} ({exc}); check that it is up "
+                       "and that LUMINAGRID_BROKER_URL is right, then run the command again.", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; everything started locally was stopped.", err=True)
             raise typer.Exit(130) from None
@@ -120,7 +128,7 @@ def _connect() -> Settings:
 def _cancel_on_interrupt(job: jobs.Job, source: str) -> None:
     """Ctrl-C or SIGTERM while waiting: the job must not run on without anyone to collect it."""
     try:
-        job.cancel()
+        job.cancel(fast=True)
         err.print(f"cancelled job {job.id} ({source}): its strips are skipped and its data deleted", markup=False)
     except jobs.REDIS_ERRORS as exc:
         err.print(f"could not cancel job {job.id} ({exc}); cancel it with: python cli.py cancel {job.id}", markup=False)
@@ -153,7 +161,7 @@ def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str) -> j
             raise
     with result.stages.timed("write"):
         images.write_image_atomic(out, result.image)
-    job.forget()
+    job.forget_quietly()  # written: Redis away now only delays the clean-up (the data expires)
     return result
 
 
@@ -360,7 +368,7 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(out)
 
 
-def _places(s: jobs.Status) -> list[str]:
+def _places(s: Status) -> list[str]:
     """Where the unfinished strips are, one line per holder (queued ones together)."""
     groups: dict[str, list[int]] = {}
     stitch = None
@@ -428,9 +436,12 @@ def cancel(job_ids: Annotated[list[str], typer.Argument(metavar="JOB...", help="
         try:
             job = jobs.Job.find(job_id)
             state = job.status().state
-            if state in ("done", "failed"):
-                raise OutputError(f"job {job_id} has already {'finished' if state == 'done' else 'failed'}; "
-                                  "nothing to cancel (collect it with `python cli.py result`).")
+            if state == "done":
+                raise OutputError(f"job {job_id} has already finished; nothing to cancel (collect it with "
+                                  f"`python cli.py result {job_id}`).")
+            if state == "failed":
+                raise OutputError(f"job {job_id} has already failed; nothing to cancel (`python cli.py status "
+                                  f"{job_id}` says why).")
             if state == "cancelled":
                 typer.echo(f"job {job_id} was already cancelled")
                 continue

@@ -1,7 +1,7 @@
 """What supervision costs Redis, with a long queue: the supervisor against the old client watchdog.
 
     python bench/supervision.py                 # 64 jobs x 782 strips = 50,048 queued, 10 s windows
-    python bench/supervision.py --jobs 16 --strips 256 --window 5
+    python bench/supervision.py --jobs 4 --strips 250 --width 8000 --window 5   # ~190 KB inline strips (8 rows + halos)
 
 Starts its own Redis and 2 workers that take only stitches, so every strip stays queued while
 their liveness beats and supervisors run. Publishes the jobs (tiny images, so the queue is long
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=64)
     parser.add_argument("--strips", type=int, default=782, help="strips per job (64 x 782 = 50,048)")
     parser.add_argument("--window", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--width", type=int, default=8, help="image width: a strip of 8 rows and its halos is ~24 x width bytes, inline up to 256 KiB")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
 
@@ -111,7 +112,7 @@ def main() -> None:
 
         started = time.monotonic()
         params = Params(op="canny", strips=args.strips, codec="lossless").validate()  # type: ignore[arg-type]
-        image = np.random.default_rng(1).integers(0, 255, (8 * args.strips, 8), dtype=np.uint8)
+        image = np.random.default_rng(1).integers(0, 255, (8 * args.strips, args.width), dtype=np.uint8)
         jobs = [submit_pixels(image, params) for _ in range(args.jobs)]
         for job in jobs:
             job.payloads = None  # durable: let the waiters be plain waiters
@@ -149,13 +150,13 @@ def main() -> None:
         t0 = time.perf_counter()
         pages = []
         start = 0
-        while True:
+        while True:  # what `queues.find_queued` does, page by page, timed
             p0 = time.perf_counter()
-            page = client.eval(queues._IDS_LUA, 1, QUEUE, "list", start, start + queues.PAGE - 1)
+            page = client.eval(queues._IDS_LUA, 1, QUEUE, "list", start, queues.PAGE, queues.PAGE_BYTES)
             pages.append(time.perf_counter() - p0)
-            if len(page) < queues.PAGE:
+            if page[1] or not page[0]:
                 break
-            start += queues.PAGE
+            start += page[0]
             time.sleep(queues.PAGE_PAUSE_S)
         report["event_look"] = {"total_ms": (time.perf_counter() - t0) * 1000, "pages": len(pages),
                                 "longest_page_ms": max(pages) * 1000, "median_page_ms": sorted(pages)[len(pages) // 2] * 1000}
@@ -176,7 +177,8 @@ def main() -> None:
         print(f"{name:<72} {commands:>9} {cpu:>7}")
     print(f"\nsupervision's top commands (ms/s): {sup['top_commands_ms_per_s']}")
     print(f"old watchdog, one look with 1 task id: {old['one_look_one_id_ms']:.0f} ms")
-    print(f"the look after an event: {look['pages']} pages of {queues.PAGE}, {look['total_ms']:.0f} ms in all, "
+    print(f"the look after an event: {look['pages']} pages (at most {queues.PAGE} messages or "
+          f"{queues.PAGE_BYTES >> 20} MB each), {look['total_ms']:.0f} ms in all, "
           f"longest page {look['longest_page_ms']:.1f} ms (median {look['median_page_ms']:.1f} ms)")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"supervision-{time.strftime('%Y%m%d-%H%M%S')}.json"

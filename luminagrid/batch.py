@@ -26,8 +26,8 @@ from luminagrid.settings import Settings
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pgm", ".ppm", ".pbm")
 #: Upper bound on jobs in flight (each holds its strips' payloads until it finishes).
 MAX_IN_FLIGHT = 64
-#: How often a batch looks at its jobs, in seconds: slower than one job's `jobs.POLL_S`, since
-#: many jobs poll at once and a batch cares for throughput, not for milliseconds of latency.
+#: How long a batch sleeps when none of its jobs moved, in seconds (each job's waiter paces its own
+#: looks at Redis: `jobs.POLL_FAST_S`, then `jobs.POLL_SLOW_S`).
 POLL_S = 0.02
 
 
@@ -154,7 +154,7 @@ def run(
             changed(item)
     if detach:
         for item in queue:
-            if _submit(item, params, settings, detached=True) is not None:
+            if _submit(item, params, settings) is not None:
                 item.state = "submitted"
             changed(item)
         return items, 0
@@ -166,21 +166,25 @@ def run(
                 flight.job.forget_quietly()
                 flight.item.state = "ok"
                 continue
-            flight.job.cancel()
-            flight.item.state, flight.item.error = "cancelled", f"cancelled job {flight.job.id}"
+            try:
+                flight.job.cancel(fast=True)
+                flight.item.state, flight.item.error = "cancelled", f"cancelled job {flight.job.id}"
+            except jobs.REDIS_ERRORS as exc:
+                flight.item.fail(f"could not cancel job {flight.job.id} ({exc}); cancel it with: "
+                                 f"python cli.py cancel {flight.job.id}")
             changed(flight.item)
         raise
     return items, peak
 
 
-def _submit(item: Item, params: jobs.Params, settings: Settings, detached: bool = False) -> jobs.Job | None:
+def _submit(item: Item, params: jobs.Params, settings: Settings) -> jobs.Job | None:
     """Read, convert and submit one image; on a luminagrid error mark it failed and return None."""
     try:
         assert item.path is not None and item.out is not None
         images.check_output(item.out, item.path)
         pixels = jobs.load(item.path, params.operation, settings)
         item.height, item.width = pixels.shape[:2]
-        job = jobs.submit_pixels(pixels, params, output=str(item.out.resolve()), settings=settings, detached=detached)
+        job = jobs.submit_pixels(pixels, params, output=str(item.out.resolve()), settings=settings)
     except LuminagridError as exc:
         item.fail(str(exc))
         return None
@@ -224,7 +228,7 @@ def _run(
                     if not flight.writing.done():
                         continue
                     flight.writing.result()
-                    flight.job.forget()
+                    flight.job.forget_quietly()
                     flight.item.state = "ok"
                 except JobCancelled as exc:  # by someone else: its record stays, for `status`
                     flight.item.fail(str(exc))

@@ -17,7 +17,6 @@ import math
 import os
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -29,7 +28,7 @@ import numpy as np
 import redis
 from celery import chord, states
 
-from luminagrid import broker, claims, codec, images, liveness, messages, ops, strips
+from luminagrid import broker, claims, codec, images, liveness, messages, ops, status, strips
 from luminagrid import record as records
 from luminagrid.app import app
 from luminagrid.codec import Codec
@@ -107,60 +106,6 @@ class JobResult:
         return self.image
 
 
-@dataclass(frozen=True)
-class Place:
-    """Where an unfinished task is: `where` is "queued" or "held"; a holder is alive or lost."""
-
-    index: int | None  # strip index, None for the stitch
-    where: str
-    worker: str | None = None
-    alive: bool = True
-    running: bool = False
-
-
-@dataclass
-class Status:
-    """A job's progress, as `cli.py status` shows it."""
-
-    job_id: str
-    state: str  # "queued", "running", "done", "failed", "cancelled"
-    strips_done: int
-    strips_started: int
-    strip_count: int
-    width: int
-    height: int
-    age_s: float
-    output: str | None
-    error: str | None = None
-    #: where each unfinished strip (and a pending stitch) is
-    places: list[Place] = field(default_factory=list)
-    #: the supervisor's recoveries for this job, oldest first
-    events: list[str] = field(default_factory=list)
-
-    def whereabouts(self) -> str:
-        """E.g. "3/7 strips done, 2 held by live workers, 2 queued"."""
-        counts = Counter(
-            "queued" if p.where == "queued" else "held by live workers" if p.alive else "held by lost workers"
-            for p in self.places if p.index is not None
-        )
-        text = f"{self.strips_done}/{self.strip_count} strips done"
-        if self.strips_done == self.strip_count and self.state not in ("done", "failed"):
-            return text + ", stitch pending"
-        return ", ".join([text, *(f"{n} {what}" for what, n in counts.items())])
-
-
-def _error_text(meta: dict[str, Any]) -> str:
-    """The message of a failed task's stored exception, without Celery's wrapping."""
-    exc = meta.get("result")
-    if isinstance(exc, BaseException):  # Celery rebuilds the stored exception when decoding
-        return f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, dict) and "exc_message" in exc:
-        message = exc["exc_message"]
-        text = " ".join(str(m) for m in message) if isinstance(message, (list, tuple)) else str(message)
-        return f"{exc.get('exc_type', 'Error')}: {text}"
-    return str(exc)
-
-
 def _run_id(db: redis.Redis) -> str:
     return str(db.info("server")["run_id"])
 
@@ -218,64 +163,8 @@ class Job:
 
     # --- where it stands --------------------------------------------------------------------------
 
-    def status(self) -> Status:
-        db = records.fast_client()
-        stitch_meta = records.metas([self.id], db)[0]
-        progress = records.progress(self.id, db)
-        held: dict[str, tuple[liveness.Node, liveness.Hold]] = {}
-        for node in liveness.read(db):
-            for hold in node.holds:
-                if hold.task_id not in held or node.alive:
-                    held[hold.task_id] = (node, hold)
-        places = []
-        for i in [i for i in range(self.strip_count) if i not in progress] + [None]:
-            task_id = self.id if i is None else self.strip_task_id(i)
-            if task_id in held:
-                node, hold = held[task_id]
-                places.append(Place(i, "held", node.id, node.alive, hold.state == "running"))
-            elif i is not None:
-                places.append(Place(i, "queued"))
-        failed = any(s == states.FAILURE for s in progress.values())
-        stitch_state = stitch_meta["status"] if stitch_meta else None
-        error = None
-        if self.record.state == records.CANCELLED or records.is_cancelled(self.id, db):
-            state = "cancelled"
-        elif stitch_state == states.SUCCESS:
-            state = "done"
-        elif failed or stitch_state == states.FAILURE:
-            state, error = "failed", self._failure_text(stitch_meta, progress)
-        else:
-            started = progress or any(p.running for p in places)
-            state = "running" if started else "queued"
-        events = [records.event_text(raw) for raw in db.lrange(JOB_EVENTS_KEY.format(job=self.id), 0, -1)]
-        return Status(
-            job_id=self.id, state=state, strips_done=len(progress),
-            strips_started=len(progress) + sum(1 for p in places if p.running and p.index is not None),
-            strip_count=self.strip_count, width=self.width, height=self.height,
-            age_s=time.time() - self.record.submitted_at, output=self.output, error=error,
-            places=places, events=events,
-        )
-
-    def _failure_text(self, stitch_meta: dict[str, Any] | None, progress: dict[int, str]) -> str:
-        """Why the job failed: the first failed strip's own error, else the stitch's."""
-        failed = sorted(i for i, s in progress.items() if s == states.FAILURE)
-        plan = self.record.plan()
-        for i, meta in zip(failed, records.metas([self.strip_task_id(i) for i in failed])):
-            if meta is None or meta["status"] != states.FAILURE:
-                continue
-            where = f"strip {i + 1}/{self.strip_count} (rows {plan[i].row0}-{plan[i].row1})"
-            text = _error_text(meta)
-            if text.startswith("WorkerLostError"):
-                return (
-                    f"{where} killed its worker process on every delivery ({text}); it is not "
-                    "delivered again (LUMINAGRID_MAX_DELIVERIES). Check the workers' logs and memory."
-                )
-            return f"{where} failed: {text}"
-        if stitch_meta is None:
-            return "unknown failure"
-        if isinstance(stitch_meta.get("result"), MessageError):  # the supervisor's own verdict
-            return str(stitch_meta["result"])
-        return f"stitching failed: {_error_text(stitch_meta)}"
+    def status(self) -> status.Status:
+        return status.of(self.record)
 
     # --- waiting ----------------------------------------------------------------------------------
 
@@ -342,22 +231,25 @@ class Job:
                 self.payloads = None  # on disk by now: the supervisor can republish from Redis
             return
         self.run_id = run_id
-        if self.payloads is None:
+        if self.payloads is None or records.is_cancelled(self.id):
             return
         notice(f"Redis restarted within {DURABLE_S:g} s of receiving job {self.id}; writing the job again")
         with records.client().pipeline(transaction=False) as pipe:
-            self.record.with_state(records.RUNNING).save(self.ttl_s, pipe)
             for key, data in self.payloads:
                 pipe.set(key, data, ex=self.ttl_s)
             pipe.set(WALK_KEY, f"job {self.id}'s submitter saw Redis restart", ex=self.ttl_s)
             pipe.execute()
+        if self.record.state == records.RUNNING:  # (else `submit_pixels` marks it running next)
+            records.mark_running(self.record, self.ttl_s)
         self.durable_at = time.monotonic() + DURABLE_S
 
     # --- cancel and clean up ----------------------------------------------------------------------
 
-    def cancel(self) -> None:
-        """Stop the job: workers skip its strips from now on, and its data is deleted from Redis."""
-        records.cancel(self.record, self.ttl_s)
+    def cancel(self, fast: bool = False) -> None:
+        """Stop the job: workers skip its strips from now on, and its data is deleted from Redis.
+
+        `fast`: fail at once if Redis is away (on Ctrl-C), instead of retrying for a minute."""
+        records.cancel(self.record, self.ttl_s, records.fast_client() if fast else None)
         self.payloads = None
 
     def forget_quietly(self) -> None:
@@ -413,7 +305,7 @@ class Waiter:
                 if result is not None:
                     return result
             elif meta is not None and meta["status"] == states.FAILURE:
-                raise JobFailed(f"job {job.id} failed: {job._failure_text(meta, records.progress(job.id, db))}")
+                raise JobFailed(f"job {job.id} failed: {status.failure_text(job.record, meta, records.progress(job.id, db))}")
             if now >= self.next_progress:
                 self.next_progress = now + PROGRESS_EVERY_S
                 self._look_at_progress(db)
@@ -533,7 +425,7 @@ def submit(
 
 def submit_pixels(
     pixels: np.ndarray, params: Params, output: str | None = None, settings: Settings | None = None,
-    stages: Stages | None = None, detached: bool = False,
+    stages: Stages | None = None,
 ) -> Job:
     """Send the chord for an (H, W) or (H, W, 3) uint8 image (`load`), with validated `params`.
 
@@ -551,7 +443,7 @@ def submit_pixels(
         id=str(uuid.uuid4()), op=op.name, params=dict(params.values), width=width, height=height,
         channels=codec.channels_of(pixels), strips=len(plan), codec=params.codec, quality=params.quality,
     )
-    rec = Record(spec=spec, output=output, submitted_at=time.time(), detached=detached)
+    rec = Record(spec=spec, output=output, submitted_at=time.time())
     job = Job(record=rec, stages=stages or Stages(), ttl_s=settings.result_ttl_s)
     with job.stages.timed("encode"):
         # Both codecs release the GIL: encode strips on every core.
@@ -573,17 +465,25 @@ def submit_pixels(
                 for s, data, key in zip(plan, payloads, keys)
             ]
             chord(header, stitch_signature(rec), task_id=rec.group_id).apply_async()
+            job.payloads = list(zip(keys, payloads))
+            job.durable_at = time.monotonic() + DURABLE_S
+            job._watch_redis(db, lambda _text: None)  # did Redis restart while we published?
             job.record = rec.with_state(records.RUNNING)
-            job.record.save(settings.result_ttl_s)
-        job.payloads = list(zip(keys, payloads))
-        job.durable_at = time.monotonic() + DURABLE_S
-        job._watch_redis(db, lambda _text: None)  # did Redis restart while we published?
+            records.mark_running(rec, settings.result_ttl_s)  # not if it was cancelled meanwhile
     except REDIS_ERRORS as exc:
+        _cancel_quietly(job)  # what went out must not run on, unwanted
         raise BrokerUnreachable(
             f"could not submit to Redis at {broker.redacted(app.conf.broker_url)} ({exc}); check that it is "
             "up and that LUMINAGRID_BROKER_URL is right."
         ) from None
     except KeyboardInterrupt:  # interrupted while publishing: what was sent must not run
-        job.cancel()
+        _cancel_quietly(job)
         raise
     return job
+
+
+def _cancel_quietly(job: Job) -> None:
+    try:
+        job.cancel(fast=True)
+    except REDIS_ERRORS:
+        pass  # Redis is away: the supervisor finishes the job once it is back (`PUBLISH_STALE_S`)

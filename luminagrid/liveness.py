@@ -72,11 +72,9 @@ def node_id(hostname: str, pid: int | None = None) -> str:
     return f"{hostname}[{pid or os.getpid()}]"
 
 
-def _requests() -> list[tuple[Any, str]]:
-    """(request, state) for every message this process's worker holds, from Celery's state.
-
-    Read from another thread than the one that changes these sets: retry on a concurrent change.
-    """
+def _requests() -> list[tuple[Any, str]] | None:
+    """(request, state) for every message this process's worker holds, from Celery's state; None
+    if the sets kept changing while read (from another thread than the one that changes them)."""
     for _ in range(10):
         try:
             running = set(worker_state.active_requests)
@@ -86,13 +84,17 @@ def _requests() -> list[tuple[Any, str]]:
             return held
         except RuntimeError:  # "Set changed size during iteration"
             time.sleep(0.001)
-    return []
+    return None
 
 
-def current_holds() -> list[Hold]:
+def current_holds() -> list[Hold] | None:
+    """What this worker holds now, or None if it could not be read this time."""
+    requests = _requests()
+    if requests is None:
+        return None
     seen: set[str] = set()
     out = []
-    for request, state in _requests():
+    for request, state in requests:
         tag = getattr(getattr(request, "message", None), "delivery_tag", None)
         if tag is not None and tag not in seen:
             seen.add(str(tag))
@@ -128,22 +130,27 @@ class Beat(threading.Thread):
                 if not self._warned:
                     log.warning("liveness: %s cannot beat (%s); retrying", self.id, exc)
                     self._warned = True
-            # Sleep until the next beat is due, or a poke brings it forward (to POKE_S after this one).
+            # Sleep until the next beat is due, or a poke brings it forward. A poke comes as a message
+            # is received, before Celery files it among the worker's requests: wait POKE_S for that.
             self._poked.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
             if self._poked.is_set():
                 self._poked.clear()
-                self._stop.wait(max(0.0, POKE_S - (time.monotonic() - started)))
+                self._stop.wait(POKE_S)
             if self._stop.is_set():
                 return
 
-    def beat(self, holds: Iterable[Hold]) -> None:
+    def beat(self, holds: Iterable[Hold] | None) -> None:
+        """One beat; with `holds` None (unreadable this time) the last ones reported stand."""
         self.seq += 1
         ttl_ms = int(self.ttl_s * 1000)
         alive = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "seq": self.seq})
-        held = json.dumps([[h.task_id, h.tag, h.state] for h in holds])
         with self.client.pipeline(transaction=False) as pipe:
             pipe.set(ALIVE_KEY.format(node=self.id), alive, px=ttl_ms)
-            pipe.set(HOLDS_KEY.format(node=self.id), held, ex=HOLDS_TTL_S)
+            if holds is None:
+                pipe.expire(HOLDS_KEY.format(node=self.id), HOLDS_TTL_S)
+            else:
+                pipe.set(HOLDS_KEY.format(node=self.id), json.dumps([[h.task_id, h.tag, h.state] for h in holds]),
+                         ex=HOLDS_TTL_S)
             pipe.sadd(NODES_KEY, self.id)
             pipe.execute()
 
@@ -161,6 +168,30 @@ class Beat(threading.Thread):
             self.client.srem(NODES_KEY, self.id)
         except redis.RedisError:
             pass
+
+
+# Strike delivery tags from a node's holdings (keeping the key's lifetime).
+_STRIKE_LUA = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local strike = {}
+for i = 1, #ARGV do strike[ARGV[i]] = true end
+local kept = {}
+for _, h in ipairs(cjson.decode(raw)) do
+  if not strike[h[2]] then kept[#kept + 1] = h end
+end
+local ttl = redis.call('PTTL', KEYS[1])
+local out = #kept > 0 and cjson.encode(kept) or '[]'
+if ttl > 0 then redis.call('SET', KEYS[1], out, 'PX', ttl) else redis.call('SET', KEYS[1], out) end
+return #kept
+"""
+
+
+def strike(client: redis.Redis, node: str, tags: list[str]) -> None:
+    """Forget that lost node `node` held these messages: they were put back on the queue, and keep
+    their delivery tags, so another node may hold them now."""
+    if tags:
+        client.eval(_STRIKE_LUA, 1, HOLDS_KEY.format(node=node), *tags)
 
 
 def read(client: redis.Redis, prune: bool = False) -> list[Node]:

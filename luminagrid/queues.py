@@ -12,7 +12,7 @@ Nothing here walks a whole queue in one command: `find_queued` reads a page at a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -21,12 +21,17 @@ from kombu import Connection
 #: kombu's keys (Channel.unacked_key / unacked_index_key defaults).
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
-#: Messages per page when looking through a queue, and the pause between pages, in seconds.
+#: At most this many messages, or bytes, per page when looking through a queue, and the pause
+#: between pages, in seconds.
 PAGE = 1000
+PAGE_BYTES = 8 * 1024 * 1024
 PAGE_PAUSE_S = 0.002
 
 # Per value: the task id and the routing key (the queue), "" where none is found. Both sit in the
 # message's properties, within its last ~500 bytes; plain `find`, no patterns: ~1 us a message.
+# The list branch reads from ARGV[2] on, 10 messages at a time, until ARGV[3] messages or ARGV[4]
+# bytes (messages carry inline payloads of up to 256 KiB: a page is bounded by bytes too), and
+# returns {messages read, whether the list ended, ids...}.
 _IDS_LUA = """
 local function field(tail, name)
   local a = string.find(tail, name, 1, true)
@@ -34,25 +39,34 @@ local function field(tail, name)
   local b = string.find(tail, '"', a + #name, true)
   return b and string.sub(tail, a + #name, b - 1) or ''
 end
-local out = {}
 if ARGV[1] == 'list' then
-  for i, v in ipairs(redis.call('LRANGE', KEYS[1], ARGV[2], ARGV[3])) do
-    out[i] = field(string.sub(v, -1024), '"correlation_id": "')
+  local start, most, budget = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  local out, read, bytes, ended = {}, 0, 0, 0
+  while read < most and bytes < budget do
+    local chunk = redis.call('LRANGE', KEYS[1], start + read, start + read + 9)
+    for _, v in ipairs(chunk) do
+      read = read + 1
+      bytes = bytes + #v
+      out[read + 2] = field(string.sub(v, -1024), '"correlation_id": "')
+    end
+    if #chunk < 10 then ended = 1 break end
   end
-else
-  for i = 2, #ARGV do
-    local v = redis.call('HGET', KEYS[1], ARGV[i])
-    local tail = v and string.sub(v, -1024) or ''
-    out[2 * i - 3] = field(tail, '"correlation_id": "')
-    out[2 * i - 2] = field(tail, '"routing_key": "')
-  end
+  out[1], out[2] = read, ended
+  return out
+end
+local out = {}
+for i = 2, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  local tail = v and string.sub(v, -1024) or ''
+  out[2 * i - 3] = field(tail, '"correlation_id": "')
+  out[2 * i - 2] = field(tail, '"routing_key": "')
 end
 return out
 """
 
 
 def _ids(client: redis.Redis, *args: Any) -> list[str]:
-    return [b.decode() for b in client.eval(_IDS_LUA, 1, *args)]
+    return [b.decode() if isinstance(b, bytes) else str(b) for b in client.eval(_IDS_LUA, 1, *args)]
 
 
 def unacked_tags(client: redis.Redis) -> list[str]:
@@ -73,8 +87,10 @@ def queued_count(client: redis.Redis, queue: str) -> int:
     return int(client.llen(queue))
 
 
-def find_queued(client: redis.Redis, queue: str, wanted: set[str]) -> set[str]:
-    """Which of the task ids `wanted` have a message in `queue`, a page at a time.
+def find_queued(client: redis.Redis, queue: str, wanted: set[str],
+                between_pages: Callable[[], None] | None = None) -> set[str]:
+    """Which of the task ids `wanted` have a message in `queue`, a bounded page at a time
+    (`between_pages` runs between them, e.g. to renew a lease).
 
     Reads from the newest end: publishing only moves messages further along and taking removes
     them at the far end, so a message that stays queued throughout is found; one taken meanwhile
@@ -83,12 +99,15 @@ def find_queued(client: redis.Redis, queue: str, wanted: set[str]) -> set[str]:
     found: set[str] = set()
     start = 0
     while wanted - found:
-        page = _ids(client, queue, "list", start, start + PAGE - 1)
-        found.update(wanted.intersection(page))
-        if len(page) < PAGE:
+        reply = _ids(client, queue, "list", start, PAGE, PAGE_BYTES)
+        read, ended = int(reply[0]), reply[1] == "1"
+        found.update(wanted.intersection(reply[2:]))
+        if ended or not read:
             break
-        start += PAGE
+        start += read
         time.sleep(PAGE_PAUSE_S)  # let other clients in between pages
+        if between_pages is not None:
+            between_pages()
     return found
 
 

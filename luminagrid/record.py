@@ -23,7 +23,7 @@ import redis
 
 from luminagrid import broker, claims, messages, strips
 from luminagrid.app import app
-from luminagrid.errors import JobNotFound
+from luminagrid.errors import JobNotFound, MessageError
 from luminagrid.settings import (
     ACTIVE_JOBS_KEY,
     CANCEL_KEY,
@@ -31,6 +31,7 @@ from luminagrid.settings import (
     JOB_EVENTS_KEY,
     JOB_KEY,
     PROGRESS_KEY,
+    RECOVERIES_KEY,
     WALK_KEY,
 )
 
@@ -45,8 +46,6 @@ class Record:
     output: str | None
     submitted_at: float
     state: str = PUBLISHING
-    #: the submitter returned right after publishing (`submit --detach`)
-    detached: bool = False
 
     @property
     def id(self) -> str:
@@ -80,14 +79,17 @@ class Record:
 
     def to_json(self) -> str:
         return json.dumps({**self.spec.to_message(), "output": self.output, "submitted_at": self.submitted_at,
-                           "state": self.state, "detached": self.detached})
+                           "state": self.state})
 
     @classmethod
     def from_json(cls, raw: bytes | str, max_pixels: int) -> Record:
-        data = json.loads(raw)
-        return cls(spec=messages.parse_job(data, max_pixels), output=data.get("output"),
-                   submitted_at=float(data["submitted_at"]), state=str(data.get("state", RUNNING)),
-                   detached=bool(data.get("detached", False)))
+        """A record as stored; raise `MessageError` if it is not one (corrupt, or not ours)."""
+        try:
+            data = json.loads(raw)
+            return cls(spec=messages.parse_job(data, max_pixels), output=data.get("output"),
+                       submitted_at=float(data["submitted_at"]), state=str(data.get("state", RUNNING)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MessageError(f"a job record in Redis is corrupt ({exc!r}); delete it or let it expire") from None
 
     def save(self, ttl_s: int, pipe: redis.client.Pipeline | None = None) -> None:
         """Write the record and the job's place among the active jobs (in `pipe` if given)."""
@@ -100,6 +102,25 @@ class Record:
 
     def with_state(self, state: str) -> Record:
         return replace(self, state=state)
+
+
+# The record says "running", and the job joins the active jobs, unless it was cancelled meanwhile.
+_MARK_RUNNING_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+return 1
+"""
+
+
+def mark_running(record: Record, ttl_s: int, db: redis.Redis | None = None) -> bool:
+    """Its strips are all published: say so in its record (False if it was cancelled meanwhile:
+    a cancel is never undone)."""
+    running = record.with_state(RUNNING)
+    return bool((db or client()).eval(
+        _MARK_RUNNING_LUA, 3, key(record.id), CANCEL_KEY.format(job=record.id), ACTIVE_JOBS_KEY,
+        running.to_json(), ttl_s, record.submitted_at, record.id,
+    ))
 
 
 def client() -> redis.Redis:
@@ -192,19 +213,19 @@ def data_keys(record: Record) -> list[str]:
     backend = app.backend
     chord = [backend.get_key_for_group(record.group_id, suffix) for suffix in ("", ".j", ".t", ".s", ".d", ".c")]
     return [
-        PROGRESS_KEY.format(job=record.id), JOB_EVENTS_KEY.format(job=record.id),
+        PROGRESS_KEY.format(job=record.id), JOB_EVENTS_KEY.format(job=record.id), RECOVERIES_KEY.format(job=record.id),
         *(backend.get_key_for_task(t) for t in record.task_ids), *chord,
         *claims.keys_of(record.id, record.spec.strips, record.spec.operation.fields),
     ]
 
 
-def cancel(record: Record, ttl_s: int) -> None:
+def cancel(record: Record, ttl_s: int, db: redis.Redis | None = None) -> None:
     """Mark the job cancelled (its strips are skipped from now on) and delete its data.
 
     The supervisor deletes the data once more when no worker holds the job's tasks any more,
     in case a strip that was already running stored its output after this.
     """
-    with client().pipeline(transaction=True) as pipe:
+    with (db or client()).pipeline(transaction=True) as pipe:
         pipe.set(CANCEL_KEY.format(job=record.id), "1", ex=ttl_s)
         record.with_state(CANCELLED).save(ttl_s, pipe)
         pipe.zrem(ACTIVE_JOBS_KEY, record.id)

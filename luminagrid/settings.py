@@ -15,8 +15,9 @@ DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 QUEUE = "luminagrid"
 STITCH_QUEUE = "luminagrid.stitch"
 QUEUES = (QUEUE, STITCH_QUEUE)
-#: Lifetime of the lock a worker holds while it sweeps unacknowledged messages back onto the queue;
-#: a worker killed while holding it delays that sweep by at most this long (kombu's default: 300).
+#: Lifetime of the lock a worker holds while kombu's own sweep (the last line of defence, after
+#: the visibility timeout) puts unacknowledged messages back; a worker killed while holding it
+#: stops every other worker's sweep for this long (kombu's default: 300).
 UNACKED_MUTEX_EXPIRE_S = 5
 
 # --- Redis keys -------------------------------------------------------------------------------
@@ -45,6 +46,8 @@ LEASE_KEY = KEY_PREFIX + "supervisor"
 RUN_KEY = KEY_PREFIX + "supervisor:run"
 #: A request for the supervisor to look for lost messages (set by clients that saw Redis restart).
 WALK_KEY = KEY_PREFIX + "walk"
+#: Hash task id -> how often the supervisor recovered it (a task lost too often fails its job).
+RECOVERIES_KEY = KEY_PREFIX + "recoveries:{job}"
 #: The supervisor's recent recoveries (a capped list of JSON lines), for operators; and per job.
 EVENTS_KEY = KEY_PREFIX + "events"
 JOB_EVENTS_KEY = KEY_PREFIX + "events:{job}"

@@ -2,8 +2,8 @@
 
 Every worker's main process runs a `Supervisor` thread. The one holding the lease (a Redis key
 that expires `liveness_ttl_s` after its holder stops renewing it) acts; the others only try to
-take the lease. Every beat (a quarter of `LUMINAGRID_LIVENESS_TTL_S`, 0.5 s by default) the
-leader:
+take the lease. The leader renews it between steps and stops acting the moment it is lost. Every
+beat (a quarter of `LUMINAGRID_LIVENESS_TTL_S`, 0.5 s by default) the leader:
 
 1. **Watches Redis's run id.** A restart can lose a message a worker was taking off the queue, a
    crash the last writes. After one, it waits until the workers have beaten again, then looks
@@ -15,21 +15,24 @@ leader:
    lost, or a Redis restart made its node drop it) goes back to the head of its queue, as kombu's
    visibility-timeout sweep would do an hour later; if its task already finished (its
    acknowledgement was lost), it is dropped instead. A message its lost node reported goes back at
-   once; one nobody reported, once every live node beat twice without it.
+   once (and is struck from that node's holdings, since it keeps its delivery tag); one nobody
+   reported, once every live node beat twice without it.
 4. **Finishes stitches**: a job whose strips all finished but whose stitch is nowhere (not done,
-   held, unacknowledged or queued, on looks `grace_s` apart), e.g. because a Redis crash lost the
-   chord's state, gets its stitch published again with the strips' stored results.
+   held, unacknowledged or in the stitch queue, which holds one message per job at most, on looks
+   `grace_s` apart), e.g. because a Redis crash lost the chord's state, gets its stitch published
+   again with the strips' stored results.
 5. **Counts**: if fewer strips are queued than the active jobs account for (strips minus finished
    minus held), something was lost without a restart or a lost node: look (6).
-6. **Looks for lost messages** (only after 1, 2 or 5, or a client's request): the active jobs'
-   strips that are neither finished, held, unacknowledged nor queued (the queue read a page at a
-   time), and still so `grace_s` later, are published again under their task ids from their
-   records and payloads in Redis.
-7. **Deletes cancelled jobs' data** once no node holds their tasks any more.
+6. **Looks for lost messages** (only after 1, 2 or 5, a takeover, or a client's request): the
+   active jobs' strips that are neither finished, held, unacknowledged nor queued (the strip queue
+   read a bounded page at a time), and still so `grace_s` later, are published again under their
+   task ids from their records and payloads in Redis.
+7. **Deletes cancelled jobs' data** once no live node holds their tasks any more.
 
-Each of these reads only O(workers + unacknowledged messages + active jobs) keys per beat;
-only step 6 reads the queue, and only after an event. Recoveries are logged at WARNING and kept in
-`settings.EVENTS_KEY` for `cli.py status`.
+Steps 1-5 and 7 read O(workers + unacknowledged messages + active jobs) keys per beat; only step 6
+reads the strip queue, and only after an event. A task recovered more than `MAX_RECOVERIES_PER_TASK`
+times fails its job. Recoveries are logged at WARNING and kept in `settings.EVENTS_KEY` and the
+job's events, for `cli.py status`.
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import kombu.exceptions
+import msgpack
 import redis
 from celery import states
 from celery.exceptions import ChordError
@@ -56,6 +61,7 @@ from luminagrid.errors import MessageError
 from luminagrid.record import RUNNING, Record
 from luminagrid.settings import (
     ACTIVE_JOBS_KEY,
+    CANCEL_KEY,
     CANCELLED_JOBS_KEY,
     EVENTS_KEY,
     JOB_EVENTS_KEY,
@@ -63,6 +69,7 @@ from luminagrid.settings import (
     PROGRESS_KEY,
     QUEUE,
     QUEUES,
+    RECOVERIES_KEY,
     RUN_KEY,
     STITCH_QUEUE,
     WALK_KEY,
@@ -71,17 +78,23 @@ from luminagrid.settings import (
 from luminagrid.tasks import republish_stitch, republish_strip
 
 log = logging.getLogger(__name__)
-ERRORS = (redis.RedisError, OSError, kombu.exceptions.OperationalError)
+#: Redis cannot be reached: look again next beat. (Other Redis errors are bugs or misconfiguration.)
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError, kombu.exceptions.OperationalError)
 #: Most messages restored or published again per beat (a burst after a big node is lost).
 MAX_ACTIONS_PER_BEAT = 2000
+#: Renew the lease after this many actions within one beat.
+RENEW_EVERY_ACTIONS = 100
 #: Events kept in `EVENTS_KEY`.
 MAX_EVENTS = 1000
 #: A count shortfall must last this long before it triggers a look, and looks it triggers are
 #: at least this far apart, in seconds.
 COUNT_SHORT_S = 3.0
 COUNT_WALK_EVERY_S = 30.0
-#: A job that needed more recoveries than this fails (something keeps losing its data).
-MAX_RECOVERIES_PER_JOB = 50
+#: A job whose record still says "publishing" after this long lost its submitter mid-publish, in
+#: seconds (publishing retries through a Redis outage for up to ~20 s).
+PUBLISH_STALE_S = 30.0
+#: A task recovered more often than this fails its job: something keeps losing its data.
+MAX_RECOVERIES_PER_TASK = 10
 #: A lost strip whose payload is gone from Redis (a crash lost it) fails its job after this long,
 #: unless its submitter, still waiting, writes it again meanwhile.
 PAYLOAD_WAIT_S = 10.0
@@ -92,20 +105,36 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 2 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
 """
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_JSON_STATUS = re.compile(rb'\s*\{\s*"status"\s*:\s*"([A-Z_]+)"')
 
 
 def state_of(head: bytes | None) -> str | None:
     """A Celery result's state from the first bytes of its stored value, without reading the rest.
 
-    Celery stores `{"status": STATE, "result": ...}` with the status first; msgpack and JSON
-    both keep the state's name as plain text there.
+    Celery stores `{"status": STATE, "result": ...}`, the status first (msgpack here; JSON if
+    `result_serializer` says so). None if nothing is stored.
     """
     if not head:
         return None
-    for state in (*states.READY_STATES, states.STARTED, states.RETRY):
-        if state.encode() in head:
-            return state
-    return states.PENDING
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(head)
+    try:
+        unpacker.read_map_header()
+        if unpacker.unpack() == "status":
+            value = unpacker.unpack()
+            return value if isinstance(value, str) else states.PENDING
+    except (msgpack.OutOfData, ValueError, TypeError):
+        pass
+    match = _JSON_STATUS.match(head)
+    return match.group(1).decode() if match else states.PENDING
+
+
+class LeaseLost(Exception):
+    """Another worker supervises now: stop acting on this beat's view."""
 
 
 @dataclass
@@ -151,9 +180,11 @@ class Supervisor(threading.Thread):
         self.mq = redis_client(settings.broker_url, retry=False)  # queues, unacked
         self._same_redis = settings.result_backend == settings.broker_url
         self._lease = self.db.register_script(_LEASE_LUA)
+        self._release = self.db.register_script(_RELEASE_LUA)
         self._stop = threading.Event()
         self._last_error = ""
         self.leading = False
+        self.renewed_at = -math.inf
         self._forget_state()
 
     def _forget_state(self) -> None:
@@ -167,6 +198,10 @@ class Supervisor(threading.Thread):
         self.suspects: dict[str, _Suspect] = {}
         self.stitch_suspects: dict[str, float] = {}
         self.records: dict[str, Record] = {}
+        #: when each job still publishing was first seen so
+        self.publishing_since: dict[str, float] = {}
+        #: when each cancelled job was first seen cancelled
+        self.cancelled_since: dict[str, float] = {}
         self.short_since: float | None = None
         self.last_count_walk = -math.inf
 
@@ -177,7 +212,7 @@ class Supervisor(threading.Thread):
     @property
     def grace_s(self) -> float:
         """How long a task must stay unaccounted for before it counts as lost: 2 beats (a message a
-        live node took is in `unacked` at once, and in the node's holds by its next beat)."""
+        live node took is in `unacked` at once, and in the node's holds within a beat)."""
         return 2 * self.beat_s
 
     # --- the thread -------------------------------------------------------------------------------
@@ -187,21 +222,26 @@ class Supervisor(threading.Thread):
             try:
                 self.tick()
                 self._last_error = ""
-            except ERRORS as exc:  # Redis away: look again next beat
-                if str(exc) != self._last_error:
-                    log.warning("supervisor on %s: Redis unreachable (%s); retrying", self.node, exc)
-                    self._last_error = str(exc)
-            except Exception:  # noqa: BLE001 - supervision must outlive a bug in one beat
-                log.exception("supervisor on %s: a beat failed", self.node)
+            except LeaseLost:
+                log.warning("supervisor: %s lost the lease during a beat; another worker supervises", self.node)
+                self.leading = False
+            except UNREACHABLE as exc:  # Redis away: look again next beat
+                self._report(f"Redis unreachable ({exc}); retrying", exc_info=False)
+            except Exception as exc:  # noqa: BLE001 - supervision must outlive a bug in one beat
+                self._report(f"a beat failed: {exc!r}", exc_info=True)
+
+    def _report(self, text: str, exc_info: bool) -> None:
+        if text != self._last_error:  # once per distinct problem, not every half second
+            log.warning("supervisor on %s: %s", self.node, text, exc_info=exc_info)
+            self._last_error = text
 
     def stop(self, timeout_s: float = 2.0) -> None:
         self._stop.set()
         self.join(timeout_s)
         if self.leading:
             try:
-                if self.db.get(LEASE_KEY) == self.node.encode():
-                    self.db.delete(LEASE_KEY)
-            except ERRORS:
+                self._release(keys=[LEASE_KEY], args=[self.node])
+            except UNREACHABLE:
                 pass
 
     # --- one beat ---------------------------------------------------------------------------------
@@ -211,7 +251,8 @@ class Supervisor(threading.Thread):
         if not self._hold_lease():
             return
         self._watch_restarts(now)
-        requested = self.db.getdel(WALK_KEY)
+        with self.db.pipeline(transaction=True) as pipe:  # GET and DEL: GETDEL needs Redis 6.2
+            requested, _ = pipe.get(WALK_KEY).delete(WALK_KEY).execute()
         if requested:
             self._request_walk(requested.decode(errors="replace"), now)
         view = _View(nodes=liveness.read(self.db, prune=True), tags=queues.unacked_tags(self.mq), jobs=self._active_jobs())
@@ -221,7 +262,7 @@ class Supervisor(threading.Thread):
         self._judge(view, now)
         self._restore_orphans(view, now)
         self._check_jobs(view, now)
-        self._purge_cancelled(view)
+        self._purge_cancelled(view, now)
         if self.walk_due is not None and now >= self.walk_due:
             self._walk(view, now)
         self._confirm_lost(view, now)
@@ -233,6 +274,7 @@ class Supervisor(threading.Thread):
                 log.warning("supervisor: %s no longer holds the lease", self.node)
                 self.leading = False
             return False
+        self.renewed_at = time.monotonic()
         if not self.leading:
             self._forget_state()
             self.leading = True
@@ -240,6 +282,11 @@ class Supervisor(threading.Thread):
             # Whatever happened while nobody (or a lost node) supervised: look once.
             self._request_walk(f"{self.node} took over supervision", time.monotonic())
         return True
+
+    def _keep_lease(self) -> None:
+        """Between steps of a long beat: renew the lease, or stop acting if another worker has it."""
+        if time.monotonic() - self.renewed_at >= self.beat_s and not self._hold_lease():
+            raise LeaseLost()
 
     def _watch_restarts(self, now: float) -> None:
         ids: tuple[str, ...] = (str(self.db.info("server")["run_id"]),)
@@ -264,7 +311,7 @@ class Supervisor(threading.Thread):
             self.walk_due, self.walk_reason = when, reason
 
     def _event(self, job: str | None, text: str) -> None:
-        """Log a recovery, and keep it for operators (`EVENTS_KEY`) and for the job's `status`."""
+        """Log something the supervisor did, and keep it for operators and the job's `status`."""
         log.warning("supervisor: %s", text)
         line = json.dumps({"t": time.time(), "job": job, "text": text})
         with self.db.pipeline(transaction=False) as pipe:
@@ -273,11 +320,19 @@ class Supervisor(threading.Thread):
             if job:
                 pipe.rpush(JOB_EVENTS_KEY.format(job=job), line)
                 pipe.expire(JOB_EVENTS_KEY.format(job=job), self.settings.result_ttl_s)
-            replies = pipe.execute()
-        if job and replies[2] > MAX_RECOVERIES_PER_JOB:
+            pipe.execute()
+
+    def _recovered(self, task_id: str, text: str) -> None:
+        """A task was restored or published again: say so; fail its job if that keeps happening."""
+        job = _job_of(task_id)
+        self._event(job, text)
+        key = RECOVERIES_KEY.format(job=job)
+        with self.db.pipeline(transaction=False) as pipe:
+            count, _ = pipe.hincrby(key, task_id, 1).expire(key, self.settings.result_ttl_s).execute()
+        if count > MAX_RECOVERIES_PER_TASK:
             app.backend.mark_as_failure(job, MessageError(
-                f"job {job} needed more than {MAX_RECOVERIES_PER_JOB} recoveries (the last: {text}); "
-                "something keeps losing its data: check Redis's persistence and the workers' logs"))
+                f"task {task_id} of job {job} was lost {count} times (the last: {text}); something keeps "
+                "losing it: check Redis's persistence, the network and the workers' logs"))
 
     # --- 2. liveness --------------------------------------------------------------------------
 
@@ -306,8 +361,7 @@ class Supervisor(threading.Thread):
             elif tag in held_lost:
                 due.append((tag, held_lost[tag]))  # its holder is lost: no need to wait
             else:
-                # Unreported: restore it once every node alive then has beaten twice since without it
-                # (nodes report a message within `liveness.POKE_S` of taking it).
+                # Unreported: restore it once every node alive then has beaten twice since without it.
                 o = self.orphans.setdefault(tag, _Orphan(now, seqs))
                 if now - o.first_seen >= self.beat_s and all(seqs.get(i, s + 2) >= s + 2 for i, s in o.seqs.items()):
                     due.append((tag, None))
@@ -315,47 +369,70 @@ class Supervisor(threading.Thread):
             return
         due = due[:MAX_ACTIONS_PER_BEAT]
         found = queues.unacked_tasks(self.mq, [t for t, _ in due])
-        with app.connection_for_write() as connection:
-            for tag, holder in due:
-                self.orphans.pop(tag, None)
-                if tag not in found:
-                    continue  # acknowledged meanwhile
-                task_id, queue = found[tag]
-                if queue not in QUEUES:
-                    self.foreign.add(tag)  # another application's message: not ours to judge
-                    continue
-                whose = f"its worker {holder} is lost" if holder else "no live worker holds it"
-                if self._finished(task_id):
-                    queues.drop(self.mq, tag)
-                    log.warning("supervisor: dropped the unacknowledged message of finished task %s (%s)", task_id, whose)
-                else:
-                    queues.restore(connection, tag)
-                    self._event(_job_of(task_id), f"restored task {task_id} to its queue ({whose})")
+        struck: dict[str, list[str]] = defaultdict(list)
+        try:
+            with app.connection_for_write() as connection:
+                for n, (tag, holder) in enumerate(due):
+                    if n % RENEW_EVERY_ACTIONS == RENEW_EVERY_ACTIONS - 1:
+                        self._keep_lease()
+                    self.orphans.pop(tag, None)
+                    if holder:
+                        struck[holder].append(tag)
+                    if tag not in found:
+                        continue  # acknowledged meanwhile
+                    task_id, queue = found[tag]
+                    if queue not in QUEUES:
+                        self.foreign.add(tag)  # another application's message: not ours to judge
+                        continue
+                    whose = f"its worker {holder} is lost" if holder else "no live worker holds it"
+                    if self._finished(task_id):
+                        queues.drop(self.mq, tag)
+                        log.warning("supervisor: dropped the unacknowledged message of finished task %s (%s)",
+                                    task_id, whose)
+                    else:
+                        queues.restore(connection, tag)
+                        self._recovered(task_id, f"restored task {task_id} to its queue ({whose})")
+        finally:
+            # A restored message keeps its delivery tag: once another node takes it, the lost node's
+            # old holdings must not make it look lost again.
+            for node, tags in struck.items():
+                liveness.strike(self.db, node, tags)
 
     def _finished(self, task_id: str) -> bool:
         """Whether the task already stored its final result (or its job was cancelled)."""
         strip = strip_of(task_id)
         if strip is not None:
-            return bool(self.db.hexists(PROGRESS_KEY.format(job=strip[0]), str(strip[1]))) or records.is_cancelled(strip[0], self.db)
+            return bool(self.db.hexists(PROGRESS_KEY.format(job=strip[0]), str(strip[1]))) \
+                or records.is_cancelled(strip[0], self.db)
         return state_of(self.db.getrange(app.backend.get_key_for_task(task_id), 0, 63)) in states.READY_STATES
 
     # --- the jobs -----------------------------------------------------------------------------
 
     def _active_jobs(self) -> list[Record]:
         ids = [i.decode() for i in self.db.zrange(ACTIVE_JOBS_KEY, 0, -1)]
-        need = [i for i in ids if i not in self.records or self.records[i].state != RUNNING]
+        need = [i for i in ids if i not in self.records or self.records[i].state == records.PUBLISHING]
         gone = []
         for job_id, raw in zip(need, self.db.mget([records.key(i) for i in need]) if need else []):
             try:
                 if raw is None:
                     raise MessageError("no record")
                 self.records[job_id] = Record.from_json(raw, self.settings.max_pixels)
-            except (MessageError, ValueError, KeyError):
+            except MessageError:
                 self.records.pop(job_id, None)
                 gone.append(job_id)  # expired, collected, or not ours
         self.records = {i: r for i, r in self.records.items() if i in set(ids)}
         if gone:
             self.db.zrem(ACTIVE_JOBS_KEY, *gone)
+        now = time.monotonic()
+        for job_id, r in list(self.records.items()):
+            if r.state != records.PUBLISHING:
+                self.publishing_since.pop(job_id, None)
+            elif now - self.publishing_since.setdefault(job_id, now) >= PUBLISH_STALE_S:
+                # Its submitter died while publishing (every payload was written before the first
+                # message): supervise it as running, and look for the strips it never sent.
+                self.records[job_id] = r.with_state(RUNNING)
+                self._event(job_id, f"job {job_id}: its submitter stopped while publishing; finishing the job")
+                self._request_walk(f"job {job_id} left half published", now)
         return [self.records[i] for i in ids if i in self.records and self.records[i].state != records.CANCELLED]
 
     def _check_jobs(self, view: _View, now: float) -> None:
@@ -391,6 +468,7 @@ class Supervisor(threading.Thread):
             since = self.stitch_suspects.setdefault(r.id, now)
             if now - since < self.grace_s:
                 continue
+            self._keep_lease()
             del self.stitch_suspects[r.id]
             strip_metas = records.metas([r.strip_task_id(i) for i in range(r.spec.strips)], self.db)
             missing = [i for i, m in enumerate(strip_metas) if m is None]
@@ -403,11 +481,11 @@ class Supervisor(threading.Thread):
             if failed:  # the chord's own error handling did not mark the job
                 i = failed[0]
                 app.backend.mark_as_failure(r.id, ChordError(f"Dependency {r.strip_task_id(i)} failed"))
-                self._event(r.id, f"job {r.id}: strip {i + 1}/{r.spec.strips} failed but the job was not marked failed; "
-                                  "marked it")
+                self._event(r.id, f"job {r.id}: strip {i + 1}/{r.spec.strips} failed but the job was not marked "
+                                  "failed; marked it")
                 continue
             republish_stitch(r, [m["result"] for m in strip_metas])
-            self._event(r.id, f"job {r.id}: every strip is done but its stitch was nowhere; published the stitch again")
+            self._recovered(r.id, f"job {r.id}: every strip is done but its stitch was nowhere; published the stitch again")
 
     def _unacked_ids(self, view: _View) -> set[str]:
         if view._unacked_ids is None:
@@ -445,7 +523,7 @@ class Supervisor(threading.Thread):
         wanted = {
             r.strip_task_id(i) for r, done in zip(running, finished) for i in range(r.spec.strips) if i not in done
         } - accounted
-        queued = queues.find_queued(self.mq, QUEUE, wanted) if wanted else set()
+        queued = queues.find_queued(self.mq, QUEUE, wanted, between_pages=self._keep_lease) if wanted else set()
         lost = wanted - queued
         for task_id in lost:
             self.suspects.setdefault(task_id, _Suspect(now))
@@ -469,21 +547,24 @@ class Supervisor(threading.Thread):
             r = self.records[job_id]
             with self.db.pipeline(transaction=False) as pipe:
                 pipe.hmget(PROGRESS_KEY.format(job=job_id), [str(i) for i in indices])
+                pipe.exists(CANCEL_KEY.format(job=job_id))
                 for i in indices:
                     pipe.exists(claims.key_for(job_id, "in", i))
-                done, *present = pipe.execute()
+                done, cancelled, *present = pipe.execute()
             for i, state, has_payload in zip(indices, done, present):
                 task_id = r.strip_task_id(i)
-                if state is not None:
-                    self.suspects.pop(task_id, None)  # it finished after all
+                if state is not None or cancelled:
+                    self.suspects.pop(task_id, None)  # it finished after all, or nobody wants it
                 elif actions >= MAX_ACTIONS_PER_BEAT:
                     continue  # next beat
                 elif has_payload:
-                    republish_strip(r, i)
                     actions += 1
+                    if actions % RENEW_EVERY_ACTIONS == 0:
+                        self._keep_lease()
+                    republish_strip(r, i)
                     self.suspects.pop(task_id, None)
-                    self._event(job_id, f"job {job_id}: strip {i + 1}/{r.spec.strips} was lost (found nowhere); "
-                                        "published it again")
+                    self._recovered(task_id, f"job {job_id}: strip {i + 1}/{r.spec.strips} was lost (found nowhere); "
+                                             "published it again")
                 else:
                     self._payload_gone(r, i, now)
 
@@ -501,20 +582,21 @@ class Supervisor(threading.Thread):
 
     # --- 7. cancelled jobs --------------------------------------------------------------------
 
-    def _purge_cancelled(self, view: _View) -> None:
-        entries = self.db.zrange(CANCELLED_JOBS_KEY, 0, -1, withscores=True)
-        if not entries:
-            return
-        held_jobs = {strip[0] if (strip := strip_of(t)) else t for t in view.held_ids}
-        for raw_id, cancelled_at in entries:
-            job_id = raw_id.decode()
-            if job_id in held_jobs or time.time() - cancelled_at < 2 * self.beat_s:
+    def _purge_cancelled(self, view: _View, now: float) -> None:
+        """Delete a cancelled job's data once more, 2 beats after this supervisor first saw it
+        cancelled and once no live node holds its tasks (strips check for a cancel before
+        decoding and again before storing their output, so nothing comes back after)."""
+        entries = [e.decode() for e in self.db.zrange(CANCELLED_JOBS_KEY, 0, -1)]
+        self.cancelled_since = {j: t for j, t in self.cancelled_since.items() if j in set(entries)}
+        held_jobs = {_job_of(t) for t in view.held_ids}
+        for job_id in entries:
+            if job_id in held_jobs or now - self.cancelled_since.setdefault(job_id, now) < 2 * self.beat_s:
                 continue
             raw = self.db.get(records.key(job_id))
             if raw is not None:
                 try:
                     self.db.delete(*records.data_keys(Record.from_json(raw, self.settings.max_pixels)))
-                except (MessageError, ValueError, KeyError):
+                except MessageError:
                     pass
             self.db.zrem(CANCELLED_JOBS_KEY, job_id)
 

@@ -5,7 +5,8 @@ process, the supervisor publishing lost ones again), so both tasks are idempoten
 twice gives the same bytes, and the Redis chord join counts each strip once.
 
 A cancelled job's tasks end without a result (`Ignore`): a strip checks before it decodes and
-again before it stores its output, so what `cancel` deleted stays deleted.
+again before it stores its output; the supervisor deletes the job's data once more when no live
+worker holds its tasks.
 """
 
 from __future__ import annotations
@@ -87,13 +88,12 @@ def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
         data = messages.check_payload(payload, s, spec)
     except ClaimGone as exc:
         _lost(self, exc, spec.id)
-    part = _compute(spec, s, data, _worker_name(self))
-    _skip_if_cancelled(self, spec.id)
-    return part
+    return _compute(self, spec, s, data)
 
 
-def _compute(spec: messages.JobSpec, s: strips.Strip, data: bytes, worker: str) -> dict[str, Any]:
-    """Decode strip `s`, run its operation's strip step, pack the result (large fields as claims)."""
+def _compute(task: Task, spec: messages.JobSpec, s: strips.Strip, data: bytes) -> dict[str, Any]:
+    """Decode strip `s`, run its operation's strip step, pack the result (large fields as claims;
+    not if the job was cancelled meanwhile)."""
     op = spec.operation
     t0 = time.perf_counter()
     try:
@@ -103,10 +103,11 @@ def _compute(spec: messages.JobSpec, s: strips.Strip, data: bytes, worker: str) 
     t1 = time.perf_counter()
     result = op.compute(pixels, s, spec.height, spec.params)
     t2 = time.perf_counter()
+    _skip_if_cancelled(task, spec.id)
     # Large outputs (local operations' pixels) wait in Redis; the chord carries only their keys.
     packed = claims.offload_fields(op.pack(result), lambda field: claims.key_for(spec.id, "out", s.index, field), SETTINGS)
     return {
-        **packed, "index": s.index, "row0": s.row0, "row1": s.row1, "worker": worker,
+        **packed, "index": s.index, "row0": s.row0, "row1": s.row1, "worker": _worker_name(task),
         "seconds": {"decode": t1 - t0, "compute": t2 - t1, "pack": time.perf_counter() - t2},
     }
 
@@ -133,7 +134,7 @@ def _ready(task: Task, part: dict[str, Any], spec: messages.JobSpec) -> dict[str
                                  messages.payload_limit(s, spec), f"job {spec.id} strip {index}")
         except ClaimGone as exc:  # its input is gone too: the strip must wait for its submitter
             _lost(task, exc, spec.id, forget_strip=index)
-        return _ready(task, _compute(spec, s, data, _worker_name(task)), spec)
+        return _ready(task, _compute(task, spec, s, data), spec)
 
 
 @app.task(name="luminagrid.stitch", bind=True, **_RETRY)

@@ -12,19 +12,14 @@ that drive them. Never shipped.
   strips), `take` (a worker took a strip off the queue, not yet recorded as unacknowledged),
   `run` (a strip computing), `store` (a strip about to store its result), `join` (about to join
   the chord), `stitch` (the stitch computing), `collect` (the client about to read the result).
-- `LUMINAGRID_TEST_HOLD_UNACKED_MUTEX=1`: once the worker holds an unacknowledged message, its next
-  sweep takes kombu's unacked lock and never lets go (the worker hangs there), as if the worker
-  were killed mid-sweep.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,18 +183,3 @@ def _collect(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 jobs.Job._collect = _collect
-
-
-_original_mutex = kombu_redis.Mutex
-
-
-@contextlib.contextmanager
-def _holding_mutex(client: Any, name: str, expire: int) -> Iterator[None]:
-    with _original_mutex(client, name, expire):
-        if client.hlen("unacked"):
-            time.sleep(3600)
-        yield
-
-
-if os.environ.get("LUMINAGRID_TEST_HOLD_UNACKED_MUTEX"):
-    kombu_redis.Mutex = _holding_mutex

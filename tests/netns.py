@@ -45,18 +45,28 @@ def unavailable() -> str | None:
     return None
 
 
+def _free_subnet() -> int:
+    """A third octet n such that no interface here has an address in 10.213.n.0/24."""
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, timeout=30).stdout
+    for n in [*range(os.getpid() % 250 + 1, 251), *range(1, os.getpid() % 250 + 1)]:
+        if f" 10.213.{n}." not in used:
+            return n
+    raise RuntimeError("every 10.213.n.0/24 is taken on this machine; delete stale lgh* links (`ip link`)")
+
+
 class Namespace:
     def __init__(self) -> None:
-        n = os.getpid() % 250 + 1
         self.name = f"lgns{os.getpid()}"
         self.host_if, self.ns_if = f"lgh{os.getpid()}"[:15], f"lgn{os.getpid()}"[:15]
-        self.host_ip, self.ns_ip = f"10.213.{n}.1", f"10.213.{n}.2"
+        self.host_ip = self.ns_ip = ""
 
     @property
     def prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.name]
 
     def __enter__(self) -> Namespace:
+        n = _free_subnet()
+        self.host_ip, self.ns_ip = f"10.213.{n}.1", f"10.213.{n}.2"
         try:
             _run("ip", "netns", "add", self.name)
             _run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)

@@ -25,10 +25,10 @@ from faults import POISON
 from outages import REDIS_ARGS, Outages
 
 import luminagrid
-from luminagrid import broker, jobs
+from luminagrid import jobs
 from luminagrid.app import use_broker
 from luminagrid.errors import JobFailed
-from luminagrid.local import LocalCluster, LocalWorker, wait_for_workers
+from luminagrid.local import LocalCluster, wait_for_workers
 from luminagrid.settings import Settings
 
 DEFAULTS = Settings()
@@ -165,38 +165,6 @@ def test_a_whole_worker_killed_mid_job_is_survived_within_seconds(faulty: LocalC
     assert again["t"] - killed_at <= 5.0
 
 
-def test_a_worker_killed_while_holding_the_restore_lock_delays_nothing() -> None:
-    """kombu's sweep of unacknowledged messages runs under a Redis lock that outlives a killed holder
-    (300 s by default, 5 s here); recovery does not wait for that sweep any more."""
-    host = os.uname().nodename
-    with faulty_cluster(workers=0) as c:
-        use_broker(c.url)
-        assert c.folder is not None
-        victim = LocalWorker(
-            f"victim@{host}", c.url, 1, log_path=c.folder / "victim.log",
-            # Slow strips: the victim still holds one when its next sweep (every second) runs.
-            extra_env={**c.worker_env, "LUMINAGRID_TEST_HOLD_UNACKED_MUTEX": "1", "LUMINAGRID_TEST_STRIP_DELAY_S": "30"},
-            extra_args=c.worker_args,
-        ).start()
-        c.nodes.append(victim)
-        wait_for_workers([victim.name], [victim.proc])
-        image = synthetic(37, 200, 150)
-        job = luminagrid.submit(image, strips=3, codec="lossless", low=30, high=90)
-        redis_client = broker.client(c.url)
-        wait_for(lambda: redis_client.exists("unacked_mutex") and redis_client.hlen("unacked"), 30,
-                 "the victim to take the sweep lock while it holds a strip")
-        doomed = wait_for(lambda: running(job), 30, "a strip to run on the victim")
-        os.killpg(victim.proc.pid, signal.SIGKILL)
-        killed_at = time.time()
-        c.add_worker(f"healthy@{host}")
-        result = job.wait(60)
-        recovery_s = time.time() - killed_at
-        landed(doomed, killed_at)
-        print(f"\njob done {recovery_s:.2f} s after its worker was SIGKILLed holding the sweep lock")
-        assert np.array_equal(result.edges, exact(image))
-        assert recovery_s <= 10
-
-
 def test_a_strip_that_always_kills_its_worker_fails_the_job_after_bounded_deliveries(faulty: LocalCluster) -> None:
     image = synthetic(33, 64, 64)
     image[32, : POISON.size] = POISON  # the first own row of strip 2 of 2
@@ -247,8 +215,8 @@ def test_jobs_survive_repeated_redis_restarts_and_crashes(faulty: LocalCluster) 
                 while after and ("job" not in box or len({r["task"] for r in faults.runs(RUNS) if r["what"] == "start"
                                                           and str(r["task"]).startswith(box["job"])}) < after):  # type: ignore[arg-type]
                     time.sleep(0.005)
+                box["down_at"] = time.monotonic()
                 outages.down(how)
-                box["restarted_at"] = time.monotonic()
                 outages.up()
             restarter = threading.Thread(target=restart, daemon=True)
             started = time.monotonic()
@@ -265,7 +233,7 @@ def test_jobs_survive_repeated_redis_restarts_and_crashes(faulty: LocalCluster) 
             timings.append(done_at - started)
             where = f"once {after} of {count} strips started" if after else "while publishing"
             assert np.array_equal(result.edges, exact(image)), f"restart {n} ({how}) {where}"
-            assert box["restarted_at"] < done_at, f"restart {n} ({how}, {where}) came after the job finished"  # type: ignore[operator]
+            assert box["down_at"] < done_at, f"restart {n} ({how}, {where}) came after the job finished"  # type: ignore[operator]
     finally:
         outages.close()
     print(f"\n{REDIS_RESTARTS} jobs, one Redis stop or crash each, during the job: slowest {max(timings):.1f} s, "

@@ -125,6 +125,34 @@ def test_a_strip_message_lost_while_nobody_waits_is_published_again_by_the_clust
     assert "1 recovery(ies) by the supervisor" in collected.stdout
 
 
+def test_a_hundred_lost_strips_of_one_job_are_each_published_again_and_the_job_completes(tmp_path: Path) -> None:
+    """Many recoveries in one job are not "something keeps losing it": only a task lost again and
+    again fails its job."""
+    with LocalCluster(workers=0) as c:
+        use_broker(c.url)
+        log = tmp_path / "worker.log"
+        # A worker that takes only stitches, so the strips stay queued until we drop them.
+        worker = LocalWorker(f"w@{os.uname().nodename}", c.url, extra_args=["--queues", STITCH_QUEUE], log_path=log)
+        try:
+            worker.start()
+            wait_for_workers([worker.name], [worker.proc])
+            image = synthetic(45, 800, 64)
+            job = luminagrid.submit(image, strips=100, codec="lossless", low=30, high=90)
+            client = broker.client(c.url)
+            wait_for(lambda: client.llen(QUEUE) == 100, 30, "the strips to be queued")
+            assert client.delete(QUEUE) == 1  # every strip message lost
+            records.request_walk("test: the queue was dropped")
+            wait_for(lambda: client.llen(QUEUE) == 100, 30, "the supervisor to publish the 100 strips again")
+            app.control.add_consumer(QUEUE, destination=[worker.name], reply=True)
+            result = job.wait(120, forget=False)
+            events = job.status().events
+            job.forget()
+        finally:
+            worker.stop()
+    assert np.array_equal(result.edges, cv2.Canny(image, 30, 90))
+    assert sum("was lost (found nowhere); published it again" in e for e in events) == 100
+
+
 def test_a_lost_chord_join_is_finished_by_publishing_the_stitch_again(idle: LocalCluster) -> None:
     image = synthetic(44, 150, 150)
     job = luminagrid.submit(image, strips=3, codec="lossless", low=30, high=90)
@@ -289,10 +317,17 @@ def test_forged_strip_messages_are_rejected_without_harming_the_workers(
 
 def test_a_strip_whose_payload_is_gone_and_whose_job_is_unknown_is_dropped_without_harm(cluster: LocalCluster) -> None:
     """Its job expired, was collected, or never existed: nobody waits for it, and it must not hang."""
-    result = app.send_task("luminagrid.strip", args=[JOB, STRIP, {"claim": "luminagrid:in:forged:0:payload"}])
+    job = {**JOB, "id": f"gone-{os.getpid()}-{time.monotonic_ns()}"}
+    claim = {"claim": f"luminagrid:in:{job['id']}:0:payload"}
+    result = app.send_task("luminagrid.strip", args=[job, STRIP, claim])
+
+    def dropped() -> bool:
+        return any(f"job {job['id']} is not in Redis" in n.log_path.read_text(errors="replace")
+                   for n in cluster.nodes if n.log_path)
+    wait_for(dropped, 30, "a worker to drop the message, with a warning")
     client = broker.client(cluster.url)
-    wait_for(lambda: client.llen(QUEUE) == 0 and client.hlen("unacked") == 0, 30, "the message to be consumed")
-    assert records.metas([result.id])[0] is None  # no result: dropped (with a warning in the worker's log)
+    wait_for(lambda: client.hlen("unacked") == 0, 30, "the message to be acknowledged")
+    assert records.metas([result.id])[0] is None  # no result stored, not even STARTED
     assert len(app.control.ping(timeout=2.0)) == 2
 
 

@@ -29,13 +29,13 @@ from luminagrid.app import app, use_broker
 from luminagrid.local import LocalRedis, LocalWorker, free_port, wait_for_workers
 from luminagrid.settings import QUEUE
 
-WHY_NOT = netns.unavailable()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"partition tests skipped: {WHY_NOT}")
-
 
 @pytest.fixture
 def partitioned() -> Iterator[tuple[netns.Namespace, LocalWorker, LocalWorker, Path, str]]:
     """Redis on the host (loopback and the veth link), a worker on the host, one in the namespace."""
+    why_not = netns.unavailable()
+    if why_not is not None:
+        pytest.skip(f"partition tests skipped: {why_not}")
     host_name = os.uname().nodename
     with netns.Namespace() as ns, tempfile.TemporaryDirectory(prefix="lg-") as tmp:
         folder = Path(tmp)

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -30,8 +31,9 @@ import luminagrid
 from luminagrid import broker, jobs
 from luminagrid import record as records
 from luminagrid.app import app, use_broker
+from luminagrid.errors import JobCancelled
 from luminagrid.local import LocalCluster, LocalWorker, wait_for_workers
-from luminagrid.settings import LEASE_KEY, QUEUE, Settings
+from luminagrid.settings import ACTIVE_JOBS_KEY, LEASE_KEY, QUEUE, Settings
 
 DEFAULTS = Settings()
 #: How long Redis stays down in each phase (the issue asks for 1-5 s).
@@ -115,10 +117,12 @@ def test_redis_stopped_or_crashed_at_any_phase_of_a_job_changes_nothing_in_its_o
         return result
 
     thread, box = in_thread(submit_and_wait)
-    held = wait_for(lambda: faults.reached(folder, phase), 60, f"a process to reach phase {phase}")
-    outages.down(how)
-    down_at = time.monotonic()
-    faults.release(folder, phase)  # it goes on, into the outage
+    try:
+        held = wait_for(lambda: faults.reached(folder, phase), 60, f"a process to reach phase {phase}")
+        down_at = time.monotonic()
+        outages.down(how)
+    finally:
+        faults.release(folder, phase)  # it goes on, into the outage (or, if the test failed, away)
     time.sleep(DOWN_S[phase])  # the outage itself
     outages.up()
     up_at = time.monotonic()
@@ -132,6 +136,57 @@ def test_redis_stopped_or_crashed_at_any_phase_of_a_job_changes_nothing_in_its_o
     assert done["at"] > down_at  # the outage hit the job in flight
     print(f"\nphase {phase} ({'worker' if held.get('pid') != os.getpid() else 'client'} pid {held.get('pid')}), "
           f"Redis {how} for {DOWN_S[phase]:g} s: job exact, done {done['at'] - up_at:.1f} s after Redis was back")
+
+
+def test_a_submitter_sigkilled_while_publishing_leaves_a_job_the_cluster_finishes(
+    phased: tuple[LocalCluster, Outages], folder: Path, tmp_path: Path,
+) -> None:
+    """Killed after 2 of 8 strip messages: every payload is in Redis already, so the supervisor
+    publishes the rest once the job has said "publishing" for `supervisor.PUBLISH_STALE_S`."""
+    c, _ = phased
+    image = synthetic(310, 320, 200)
+    np.save(tmp_path / "image.npy", image)
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import faults, numpy, luminagrid; "
+            f"luminagrid.submit(numpy.load({str(tmp_path / 'image.npy')!r}), strips=8, codec='lossless', low=30, high=90)")
+    env = {**os.environ, "LUMINAGRID_BROKER_URL": c.url, "LUMINAGRID_TEST_HOLD_DIR": str(folder)}
+    faults.arm(folder, "publish")
+    submitter = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO)
+    try:
+        held = wait_for(lambda: faults.reached(folder, "publish"), 60, "the submitter to publish 2 strips")
+    finally:
+        submitter.kill()
+        submitter.wait(30)
+    faults.release(folder, "publish")
+    killed_at = time.monotonic()
+    job = jobs.Job.find(held["task"].rsplit(".strip", 1)[0])
+    assert job.record.state == records.PUBLISHING
+    result = job.wait(120, forget=False)
+    events = job.status().events
+    job.forget()
+    print(f"\nsubmitter SIGKILLed after 2 of 8 strips: job done, exact, {time.monotonic() - killed_at:.1f} s later")
+    assert np.array_equal(result.edges, exact(image))
+    assert any("its submitter stopped while publishing" in e for e in events), events
+
+
+def test_a_job_cancelled_while_its_submitter_still_publishes_stays_cancelled(
+    phased: tuple[LocalCluster, Outages], folder: Path,
+) -> None:
+    c, _ = phased
+    image = synthetic(311, 320, 200)
+    faults.arm(folder, "publish")
+    thread, box = in_thread(lambda: luminagrid.submit(image, strips=8, codec="lossless", low=30, high=90).wait(60))
+    try:
+        held = wait_for(lambda: faults.reached(folder, "publish"), 60, "the submitter to publish 2 strips")
+        job_id = held["task"].rsplit(".strip", 1)[0]
+        jobs.Job.find(job_id).cancel()  # from "another machine", while 6 strips are still to be sent
+    finally:
+        faults.release(folder, "publish")
+    thread.join(90)
+    assert isinstance(box.get("error"), JobCancelled), box
+    client = broker.client(c.url)
+    assert json.loads(client.get(records.key(job_id)))["state"] == records.CANCELLED
+    assert client.zscore(ACTIVE_JOBS_KEY, job_id) is None
+    wait_for(lambda: not leftovers(c, job_id), 30, "the cancelled job's data to be deleted")
 
 
 # --- lost workers, long strips ------------------------------------------------------------------
@@ -233,6 +288,42 @@ def test_the_supervising_worker_sigkilled_hands_supervision_over_within_seconds(
           f"{again['t'] - killed_at:.2f} s after the kill")
     assert new_leader != leader and again["t"] - killed_at <= 5.0
     assert any(victim.name in line and "lost: last beat" in line for line in listing.splitlines()), listing
+
+
+def test_a_long_strip_restored_from_a_lost_worker_is_restored_once(slow: tuple[LocalCluster, Path]) -> None:
+    """The restored message keeps its delivery tag: the lost worker's last holdings must not make
+    it look lost again while another worker runs it."""
+    c, runs = slow
+    assert c.folder is not None
+    long_env = {**c.worker_env, "LUMINAGRID_TEST_STRIP_DELAY_S": "4"}
+    host = os.uname().nodename
+    others = [n.name for n in c.nodes]
+    app.control.cancel_consumer(QUEUE, destination=others, reply=True)
+    victim = LocalWorker(f"doomed@{host}", c.url, 1, log_path=c.folder / "doomed.log", extra_env=long_env,
+                         extra_args=c.worker_args).start()
+    heir = LocalWorker(f"heir@{host}", c.url, 1, log_path=c.folder / "heir.log", extra_env=long_env, extra_args=c.worker_args)
+    try:
+        assert victim.proc is not None
+        wait_for_workers([victim.name], [victim.proc])
+        image = synthetic(44, 64, 200)
+        job = luminagrid.submit(image, strips=1, codec="lossless", low=30, high=90)
+        doomed = wait_for(lambda: running_on(runs, children(victim.proc.pid), job.id), 30, "the strip to run on the victim")
+        heir.start()
+        assert heir.proc is not None
+        wait_for_workers([heir.name], [heir.proc])
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        result = job.wait(60, forget=False)
+        events = job.status().events
+        job.forget()
+    finally:
+        app.control.add_consumer(QUEUE, destination=others, reply=True)
+        victim.stop()
+        heir.stop()
+    assert np.array_equal(result.edges, exact(image))
+    starts = [r for r in faults.runs(runs, doomed["task"]) if r["what"] == "start"]
+    restores = [e for e in events if "restored task" in e]
+    print(f"\na 4 s strip of a lost worker: {len(starts)} runs, {len(restores)} restore(s)")
+    assert len(starts) == 2 and len(restores) == 1, (starts, events)
 
 
 def test_a_strip_that_runs_longer_than_the_liveness_period_is_never_run_twice(slow: tuple[LocalCluster, Path]) -> None:
@@ -382,13 +473,16 @@ def leftovers(c: LocalCluster, job_id: str) -> list[str]:
     return sorted(k.decode() for k in broker.client(c.url).keys(f"*{job_id}*") if k.decode() not in keep)
 
 
-def test_ctrl_c_on_a_waiting_submit_cancels_its_job(slow: tuple[LocalCluster, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_on_a_waiting_submit_cancels_its_job(
+    slow: tuple[LocalCluster, Path], tmp_path: Path, sig: signal.Signals,
+) -> None:
     c, runs = slow
     path, _ = photo(tmp_path, 56, 960, 200)
     proc = cli_process(["submit", str(path), "--codec", "lossless", "--strips", "40"], c)
     job_id = wait_for(lambda: job_in_redis(c, path), 60, "the job to be published")
     wait_for(lambda: [r for r in faults.runs(runs) if r["task"] and r["task"].startswith(job_id)], 30, "a strip to start")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     cancelled_at = time.time()
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
