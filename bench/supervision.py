@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,7 +98,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
 
-    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"lg-bench-sup-{os.getpid()}"
+    tmp = tempfile.TemporaryDirectory(prefix="lg-bench-")
+    folder = Path(tmp.name)
     redis = LocalRedis(folder).start()
     host = os.uname().nodename
     nodes = [LocalWorker(f"bench{i}@{host}", redis.url, 1, log_path=folder / f"bench{i}.log",
@@ -164,6 +166,7 @@ def main() -> None:
         for node in nodes:
             node.stop()
         redis.stop()
+        tmp.cleanup()
 
     sup, both, old, look = (report[k] for k in ("supervision", "supervision_and_waiting_clients", "old_watchdog", "event_look"))
     rows = [
