@@ -23,15 +23,15 @@ UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
 #: At most this many messages, or bytes, per page when looking through a queue, and the pause
 #: between pages, in seconds.
-PAGE = 1000
+PAGE = 500
 PAGE_BYTES = 8 * 1024 * 1024
 PAGE_PAUSE_S = 0.002
 
 # Per value: the task id and the routing key (the queue), "" where none is found. Both sit in the
 # message's properties, within its last ~500 bytes; plain `find`, no patterns: ~1 us a message.
-# The list branch reads from ARGV[2] on, 10 messages at a time, until ARGV[3] messages or ARGV[4]
-# bytes (messages carry inline payloads of up to 256 KiB: a page is bounded by bytes too), and
-# returns {messages read, whether the list ended, ids...}.
+# The list branch reads from ARGV[2] on, until ARGV[3] messages or ARGV[4] bytes (messages carry
+# inline payloads of up to 256 KiB: a page is bounded by bytes too), 10 messages at a time, or 100
+# while they are small, and returns {messages read, whether the list ended, ids...}.
 _IDS_LUA = """
 local function field(tail, name)
   local a = string.find(tail, name, 1, true)
@@ -41,15 +41,17 @@ local function field(tail, name)
 end
 if ARGV[1] == 'list' then
   local start, most, budget = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-  local out, read, bytes, ended = {}, 0, 0, 0
+  local out, read, bytes, ended, step = {}, 0, 0, 0, 10
   while read < most and bytes < budget do
-    local chunk = redis.call('LRANGE', KEYS[1], start + read, start + read + 9)
+    local chunk = redis.call('LRANGE', KEYS[1], start + read, start + read + step - 1)
     for _, v in ipairs(chunk) do
       read = read + 1
       bytes = bytes + #v
       out[read + 2] = field(string.sub(v, -1024), '"correlation_id": "')
     end
-    if #chunk < 10 then ended = 1 break end
+    if #chunk < step then ended = 1 break end
+    -- Small messages: fewer, longer reads (each read seeks from the list's end again).
+    if bytes < read * 16384 then step = 100 else step = 10 end
   end
   out[1], out[2] = read, ended
   return out
