@@ -20,12 +20,11 @@ from pathlib import Path
 
 from luminagrid import images, jobs, ops
 from luminagrid.errors import JobCancelled, JobFailed, LuminagridError
-from luminagrid.settings import Settings
+from luminagrid.settings import MAX_JOBS_IN_FLIGHT, Settings
 
 #: Files a folder contributes (by suffix, case-insensitive); outputs of any operation are skipped.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pgm", ".ppm", ".pbm")
-#: Upper bound on jobs in flight (each holds its strips' payloads until it finishes).
-MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT = MAX_JOBS_IN_FLIGHT
 #: How long a batch sleeps when none of its jobs moved, in seconds (each job's waiter paces its own
 #: looks at Redis: `jobs.POLL_FAST_S`, then `jobs.POLL_SLOW_S`).
 POLL_S = 0.02

@@ -13,18 +13,12 @@ Bit maps (bool, shape (rows, width)) travel as `np.packbits` along rows, then LZ
 
 from __future__ import annotations
 
-from enum import Enum
-
 import cv2
 import lz4.frame
 import numpy as np
 
 from luminagrid.canny import Pending
-
-
-class Codec(str, Enum):
-    jpeg = "jpeg"
-    lossless = "lossless"
+from luminagrid.settings import Codec  # noqa: F401 - also `codec.Codec`
 
 
 class CodecError(ValueError):

@@ -7,10 +7,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import Enum
 
 from luminagrid.errors import ConfigError
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+#: The operation `submit` runs when none is named.
+DEFAULT_OP = "canny"
+#: Upper bound on jobs in flight in a batch (each holds its strips' payloads in Redis until done).
+MAX_JOBS_IN_FLIGHT = 64
+
+
+class Codec(str, Enum):
+    """How strips travel (`codec.py` does the work): jpeg (smaller; exact w.r.t. the JPEG-decoded
+    image) or lossless (raw samples + LZ4)."""
+
+    jpeg = "jpeg"
+    lossless = "lossless"
+
+
 #: The strips' queue; stitches have their own, so a job's stitch never waits behind other jobs' strips.
 QUEUE = "luminagrid"
 STITCH_QUEUE = "luminagrid.stitch"

@@ -57,17 +57,24 @@ def test_submit_honours_out_and_jpeg_quality(cluster_env: dict[str, str], photo:
 
 
 def test_verbose_submit_shows_where_the_time_went(cluster_env: dict[str, str], photo: Path) -> None:
+    started = time.monotonic()
     proc = run(["submit", str(photo), "--codec", "lossless", "--strips", "3", "--verbose"], cluster_env)
+    outside_ms = (time.monotonic() - started) * 1e3
     assert proc.returncode == 0, proc.stderr
     table = proc.stdout.split("time per stage", 1)[1]
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in table.splitlines() if line.count("│") == 4}
     stages = ["read", "convert", "encode", "publish", "compute", "stitch", "collect", "write"]
     assert [name for name in rows if name in stages] == stages  # every stage, in pipeline order
-    assert all(float(rows[name]) >= 0 for name in stages) and float(rows["total (command)"]) > 0
+    total_ms = float(rows["total (from process start)"])
+    assert all(float(rows[name]) >= 0 for name in stages) and total_ms > 0
     assert float(rows["workers: compute (sum over strips)"]) > 0
-    # The stages and the rest add up to the total.
+    # The stages and the rest add up to the total...
     parts = sum(float(rows[name]) for name in stages) + float(rows["other (start-up, imports, embedded cluster)"])
-    assert abs(parts - float(rows["total (command)"])) < 1.0
+    assert abs(parts - total_ms) < 1.0
+    # ...which is the wall time a user sees, measured outside the process: all but printing the
+    # table and the interpreter's exit (the process's start is known to 10 ms, a clock tick).
+    print(f"\n--verbose total {total_ms:.0f} ms, wall time outside the process {outside_ms:.0f} ms")
+    assert outside_ms - 300 <= total_ms <= outside_ms + 20
 
 
 def test_an_explicit_url_with_no_redis_is_an_error_naming_it(photo: Path) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from luminagrid.errors import InputError
 from luminagrid.ops import bilateral, canny, denoise, gaussian
 from luminagrid.ops.base import Operation, Param, Values
+from luminagrid.settings import DEFAULT_OP
 
 REGISTRY: dict[str, Operation] = {m.OP.name: m.OP for m in (canny, gaussian, bilateral, denoise)}
-DEFAULT = "canny"
+DEFAULT = DEFAULT_OP
 
 __all__ = ["DEFAULT", "REGISTRY", "Operation", "Param", "Values", "get"]
 
