@@ -6,12 +6,37 @@ scripts are used by `luminagrid.backend`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import cv2
 import kombu.connection
 import redis
 from celery.backends import redis as celery_redis
 from kombu.transport import redis as kombu_redis
+
+
+@contextmanager
+def opencv_without_ipp() -> Iterator[None]:
+    """Run OpenCV's own code instead of Intel IPP's, in this thread (OpenCV keeps the switch per
+    thread), for operations whose IPP variant is not local.
+
+    The opencv-python wheels route `cv2.bilateralFilter` to IPP when it is available. IPP's result
+    for a pixel then depends on rows beyond the filter's radius: with d=12 (radius 6) on
+    `tests.conftest.synthetic(18357560, 52, 54, 3)`, sigma_color 68.014117307389, sigma_space
+    65.125, filtering rows 40: gives a different row 48 (pixel 31) than filtering the whole image,
+    though 8 rows lie above it; 1 in 300 random cases like it differ. With
+    `cv2.ipp.setUseIPP(False)` none of them do (OpenCV 5.0.0, found by
+    tests/test_ops.py::test_every_operation_on_strips_equals_the_whole_image_call). So the
+    operation is defined as OpenCV's own implementation, on one machine and on every strip alike.
+    """
+    before = cv2.ipp.useIPP()
+    cv2.ipp.setUseIPP(False)
+    try:
+        yield
+    finally:
+        cv2.ipp.setUseIPP(before)
 
 
 def _lost_transport_is_a_connection_error() -> None:

@@ -15,11 +15,18 @@ import pytest
 
 from luminagrid.app import use_broker
 from luminagrid.local import LocalCluster
+from luminagrid.workarounds import opencv_without_ipp
 
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, str(REPO / "cli.py")]
+
+
+def bilateral_filter(image: np.ndarray, d: int, sigma_color: float, sigma_space: float) -> np.ndarray:
+    """`cv2.bilateralFilter` as luminagrid defines it: OpenCV's own code, not IPP's non-local variant."""
+    with opencv_without_ipp():
+        return cv2.bilateralFilter(image, d, sigma_color, sigma_space)
 
 
 def synthetic(seed: int, height: int, width: int, channels: int = 1, depth: type = np.uint8) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import synthetic
+from conftest import bilateral_filter, synthetic
 from test_cli import run
 
 from luminagrid import batch, jobs
@@ -30,7 +30,7 @@ def folder(tmp_path: Path) -> Path:
 
 
 def bilateral(path: Path) -> np.ndarray:
-    return cv2.bilateralFilter(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), 5, 50, 50)
+    return bilateral_filter(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), 5, 50, 50)
 
 
 def test_a_folder_with_a_broken_file_writes_every_good_output_and_exits_1(

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import synthetic
+from conftest import bilateral_filter, synthetic
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import run
@@ -24,7 +24,7 @@ JPEG_444 = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.
 OPENCV = {
     "canny": lambda a, v: cv2.Canny(a, int(v["low"]), int(v["high"])),
     "gaussian": lambda a, v: cv2.GaussianBlur(a, (0, 0), v["sigma"]),
-    "bilateral": lambda a, v: cv2.bilateralFilter(a, v["d"], v["sigma_color"], v["sigma_space"]),
+    "bilateral": lambda a, v: bilateral_filter(a, v["d"], v["sigma_color"], v["sigma_space"]),
     "denoise": lambda a, v: (
         cv2.fastNlMeansDenoising(a, None, v["h"], v["template_window"], v["search_window"]) if a.ndim == 2
         else cv2.fastNlMeansDenoisingColored(a, None, v["h"], v["h_color"], v["template_window"], v["search_window"])
@@ -88,7 +88,7 @@ def test_cli_bilateral_with_parameters_writes_the_exact_colour_output(cluster_en
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "photo.bilateral.png"
     assert f"bilateral -> {out}" in proc.stdout
-    assert np.array_equal(cv2.imread(str(out), cv2.IMREAD_UNCHANGED), cv2.bilateralFilter(cv2.imread(str(photo)), 9, 75, 75))
+    assert np.array_equal(cv2.imread(str(out), cv2.IMREAD_UNCHANGED), bilateral_filter(cv2.imread(str(photo)), 9, 75, 75))
 
 
 def test_ops_command_lists_every_operation_and_parameter(cluster_env: dict[str, str]) -> None:

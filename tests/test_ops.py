@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from conftest import synthetic
+from conftest import bilateral_filter, synthetic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,7 +64,7 @@ def test_operations_compute_in_colour_where_they_can_and_canny_in_gray() -> None
     [
         ("canny", {"low": 30, "high": 90}, lambda a: cv2.Canny(a, 30, 90)),
         ("gaussian", {"sigma": 2.5}, lambda a: cv2.GaussianBlur(a, (0, 0), 2.5)),
-        ("bilateral", {"d": 9, "sigma_color": 75, "sigma_space": 75}, lambda a: cv2.bilateralFilter(a, 9, 75, 75)),
+        ("bilateral", {"d": 9, "sigma_color": 75, "sigma_space": 75}, lambda a: bilateral_filter(a, 9, 75, 75)),
         ("denoise", {"h": 10}, lambda a: cv2.fastNlMeansDenoising(a, None, 10, 7, 21) if a.ndim == 2
          else cv2.fastNlMeansDenoisingColored(a, None, 10, 10, 7, 21)),
     ],
@@ -125,3 +125,11 @@ def test_bad_parameters_are_refused_with_the_value_and_the_fix(name: str, given:
 def test_an_unknown_operation_lists_the_known_ones() -> None:
     with pytest.raises(InputError, match="unknown operation --op 'sharpen'; choose one of: canny, gaussian, bilateral, denoise"):
         ops.get("sharpen")
+
+
+def test_bilateral_strips_equal_the_whole_image_where_opencvs_ipp_variant_would_not() -> None:
+    """The case `workarounds.opencv_without_ipp` documents: IPP's filter differs here."""
+    op = ops.get("bilateral")
+    values = op.values({"d": 12, "sigma_color": 68.014117307389, "sigma_space": 65.125})
+    pixels = op.prepare(synthetic(18357560, 52, 54, 3))
+    assert np.array_equal(distributed_in_process(op, pixels, 7, values), op.apply(pixels, values))

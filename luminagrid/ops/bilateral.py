@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 
 from luminagrid.ops.base import Operation, Param, Values
+from luminagrid.workarounds import opencv_without_ipp
 
 
 class Bilateral(Operation):
@@ -23,7 +24,8 @@ class Bilateral(Operation):
         return max(1, int(values["d"]) // 2)  # OpenCV's radius for d > 0 (at least 1, even for d = 1)
 
     def apply(self, pixels: np.ndarray, values: Values) -> np.ndarray:
-        return cv2.bilateralFilter(pixels, int(values["d"]), values["sigma_color"], values["sigma_space"])
+        with opencv_without_ipp():  # IPP's variant is not local: strips would differ from the whole
+            return cv2.bilateralFilter(pixels, int(values["d"]), values["sigma_color"], values["sigma_space"])
 
 
 OP = Bilateral()
