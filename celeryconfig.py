@@ -8,6 +8,7 @@ from kombu import Exchange, Queue
 
 from luminagrid.backend import backend_url, tcp_options
 from luminagrid.broker import tls_options
+from luminagrid.queues import PRIORITY_SEP, PRIORITY_STEPS
 from luminagrid.settings import QUEUE, STITCH_QUEUE, UNACKED_MUTEX_EXPIRE_S, Settings
 
 _settings = Settings.from_env()
@@ -50,6 +51,9 @@ _transport = {
     "visibility_timeout": _settings.visibility_timeout_s,
     "unacked_restore_interval": 1,
     "unacked_restore_throttle": 1,
+    # Strips carry their job's size class as priority (`queues.priority_for`): small jobs first.
+    "priority_steps": list(PRIORITY_STEPS),
+    "sep": PRIORITY_SEP,
     # The sweep takes a Redis lock that expires after 300 s by default: a worker SIGKILLed while
     # holding it would stop every other worker's sweep for 5 minutes. A sweep takes milliseconds,
     # and each restore is its own transaction, so two sweeps at once are harmless.

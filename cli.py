@@ -60,8 +60,9 @@ class _Later:
         return getattr(importlib.import_module(self._name), attr)
 
 
-batch, broker, images, jobs, local, monitor, ops, stages = (
-    _Later(f"luminagrid.{name}") for name in ("batch", "broker", "images", "jobs", "local", "monitor", "ops", "stages")
+batch, broker, images, jobs, local, monitor, ops, source, stages = (
+    _Later(f"luminagrid.{name}")
+    for name in ("batch", "broker", "images", "jobs", "local", "monitor", "ops", "source", "stages")
 )
 _celery = _Later("luminagrid.app")
 
@@ -188,7 +189,7 @@ def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str) -> j
                 timeout_s,
                 on_progress=lambda done, _total: progress.update(bar, completed=done),
                 on_notice=lambda text: err.print(f"note: {text}", markup=False),
-                forget=False,
+                forget=False, fetch=False,  # `result.write` streams a Canny PNG from Redis
             )
         except JobCancelled:
             raise  # its record stays, so `status` can say so
@@ -198,8 +199,7 @@ def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str) -> j
         except KeyboardInterrupt:
             _cancel_on_interrupt(job, label)
             raise
-    with result.stages.timed("write"):
-        images.write_image_atomic(out, result.image)
+    result.write(out)  # streams where it can (Canny to PNG): the output is never whole in memory
     job.forget_quietly()  # written: Redis away now only delays the clean-up (the data expires)
     return result
 
@@ -342,15 +342,18 @@ def submit(
         target = out or images.default_output(image, params.operation.suffix, out_dir)
         images.check_output(target, image)
         timing = stages.Stages()
-        pixels = jobs.load(image, params.operation, settings, timing)
+        with timing.timed("read"):  # the header (or, where streaming cannot be exact, the whole image)
+            src = source.open_source(image, settings.max_pixels)
         with _broker(settings, embedded, max(1, workers)) as note:
-            job = jobs.submit_pixels(pixels, params, output=str(target.resolve()), settings=settings, stages=timing)
-            del pixels  # the strips are encoded; do not hold the full image while waiting
+            job = jobs.submit_source(src, params, output=str(target.resolve()), settings=settings, stages=timing)
+            del src  # its rows are sent; do not hold a whole-decoded image while waiting
             result = _wait_and_write(job, target, timeout, image.name)
         wall_s = time.time() - _process_started()  # from process start to now, embedded cluster stopped
         typer.echo(_summary(str(image), job, target, result, wall_s))
         if verbose:
             Console().print(_stage_table(result, wall_s))
+            if timing.note:
+                typer.echo(f"note: {timing.note}")
         if note:
             typer.echo(note)
         return

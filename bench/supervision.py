@@ -117,7 +117,7 @@ def main() -> None:
         image = np.random.default_rng(1).integers(0, 255, (8 * args.strips, args.width), dtype=np.uint8)
         jobs = [submit_pixels(image, params) for _ in range(args.jobs)]
         for job in jobs:
-            job.payloads = None  # durable: let the waiters be plain waiters
+            job.kept.clear()  # durable: let the waiters be plain waiters
         queued = queues.queued_count(client, QUEUE)
         publish_s = time.monotonic() - started
         print(f"published {args.jobs} jobs x {args.strips} strips: {queued} queued in {publish_s:.0f} s "

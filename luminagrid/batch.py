@@ -181,9 +181,8 @@ def _submit(item: Item, params: jobs.Params, settings: Settings) -> jobs.Job | N
     try:
         assert item.path is not None and item.out is not None
         images.check_output(item.out, item.path)
-        pixels = jobs.load(item.path, params.operation, settings)
-        item.height, item.width = pixels.shape[:2]
-        job = jobs.submit_pixels(pixels, params, output=str(item.out.resolve()), settings=settings)
+        job = jobs.submit_file(item.path, params, output=str(item.out.resolve()), settings=settings)
+        item.height, item.width = job.height, job.width
     except LuminagridError as exc:
         item.fail(str(exc))
         return None
@@ -220,7 +219,7 @@ def _run(
                     if flight.writing is None:
                         result = flight.waiter.step()
                         if result is not None:
-                            flight.writing = writer.submit(images.write_image_atomic, flight.item.out, result.image)  # type: ignore[arg-type]
+                            flight.writing = writer.submit(result.write, flight.item.out)  # type: ignore[arg-type]
                             flight.item.workers = result.workers
                             busy = True
                         continue

@@ -5,14 +5,16 @@ Whole-image Canny = non-maximum suppression + thresholds + hysteresis. The first
 them exactly. Hysteresis is not local: a weak pixel is an edge when an 8-connected chain of weak
 pixels links it to a strong one, however far away. So:
 
-1. On each strip (worker): `candidates` = NMS maxima above `low` (`cv2.Canny(s, low, low)`),
-   `strong` = above `high` (`cv2.Canny(s, high, high)`). Resolve hysteresis inside the strip:
-   candidate components holding a strong pixel are edges. Components without one that touch a
-   seam row are *pending*: a neighbouring strip may link them to an edge.
+1. On each strip (worker): `candidates` = NMS maxima above `low` (`cv2.Canny(dx, dy, low, low)`).
+   Resolve hysteresis inside the strip: candidate components holding a strong pixel (magnitude
+   above `high`) are edges. Components without one that touch a seam row are *pending*: a
+   neighbouring strip may link them to an edge. Only the candidate pixels are visited after the
+   labelling.
 2. On the stitcher: a pending component that touches an edge pixel across a seam (directly, or
    through other pending components) becomes an edge. Everything else pending is dropped. The
-   stitcher works on the packed edge map and visits only pending pixels (a union-find over the
-   strips' pending components), so its cost follows the seams, not the image size.
+   stitcher sees only the strips' pending pixels and the edge rows beside each seam (a
+   union-find over the strips' pending components), so its cost follows the seams, not the image
+   size; it says which pending pixels to set, and whoever assembles the output sets them.
 
 The result is pixel-identical to `cv2.Canny(gray, low, high)` (L1 gradient, aperture 3), with
 thresholds rounded down to whole numbers as OpenCV itself applies them (`whole_thresholds`).
@@ -68,32 +70,53 @@ def canny_strip(
 
     `seam_above`/`seam_below` say whether another strip continues the image there; only
     components touching such a seam can be pending.
+
+    One OpenCV Canny pass finds the candidates (NMS maxima above `low`), one labelling pass their
+    8-connected components; everything after visits only the candidate pixels (a few percent of
+    a photo): their magnitudes say which components hold a strong pixel (above `high`).
     """
     low, high = whole_thresholds(low, high)
     end = gray.shape[0] - halo_bottom
-    # One Sobel pass for both threshold runs, with the border OpenCV's Canny itself uses.
+    # One Sobel pass, with the border OpenCV's Canny itself uses; the halo makes the own rows exact.
     dx = cv2.Sobel(gray, cv2.CV_16S, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
     dy = cv2.Sobel(gray, cv2.CV_16S, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
     candidates = cv2.Canny(dx, dy, low, low)[halo_top:end]
-    strong = cv2.Canny(dx, dy, high, high)[halo_top:end]
-    count, labels = cv2.connectedComponents(candidates, connectivity=8, ltype=cv2.CV_32S)
-    is_edge = np.zeros(count, bool)
-    is_edge[labels[strong > 0]] = True
-    is_edge[0] = False  # label 0 is the background
-    edges = np.take(is_edge, labels)  # twice as fast as is_edge[labels]
+    count, labels = cv2.connectedComponentsWithAlgorithm(candidates, 8, cv2.CV_32S, cv2.CCL_BBDT)
+    return _hysteresis(candidates, labels, count, dx[halo_top:end], dy[halo_top:end], high, seam_above, seam_below)
 
+
+def _hysteresis(
+    candidates: np.ndarray, labels: np.ndarray, count: int, dx: np.ndarray, dy: np.ndarray, high: float,
+    seam_above: bool, seam_below: bool,
+) -> StripEdges:
+    """Hysteresis inside a strip, visiting only its candidate pixels.
+
+    `candidates` is (rows, width) uint8 (non-zero at candidates), `labels` their components
+    (int32, 0 = background), `dx`/`dy` the own rows' int16 Sobel responses. A component is an
+    edge if a pixel of it has an L1 magnitude above `high` (OpenCV's strong pixels); one without,
+    touching a seam row, is pending.
+    """
+    rows, width = candidates.shape
+    edges = np.zeros(rows * width, bool)
+    if count <= 1:
+        return StripEdges(edges.reshape(rows, width), Pending.none())
+    xy = cv2.findNonZero(candidates).reshape(-1, 2)  # in row-major order: flat indices ascending
+    at = xy[:, 1] * width + xy[:, 0]
+    label = np.take(labels, at)
+    magnitude = np.abs(np.take(dx, at)) + np.abs(np.take(dy, at))  # at most 2040: int16 holds it
+    strong = np.zeros(count, bool)
+    strong[label[magnitude > high]] = True
+    edges[at[strong[label]]] = True
     at_seam = np.zeros(count, bool)
     if seam_above:
         at_seam[labels[0]] = True
     if seam_below:
         at_seam[labels[-1]] = True
     at_seam[0] = False
-    is_pending = at_seam & ~is_edge
-    if not is_pending.any():
-        return StripEdges(edges, Pending.none())
-    flat = labels.ravel()
-    at = np.flatnonzero(is_pending[flat]).astype(np.int32)
-    return StripEdges(edges, Pending(at, flat[at]))
+    pending = (at_seam & ~strong)[label]
+    if not pending.any():
+        return StripEdges(edges.reshape(rows, width), Pending.none())
+    return StripEdges(edges.reshape(rows, width), Pending(at[pending].astype(np.int32), label[pending]))
 
 
 def _touching(row: np.ndarray) -> np.ndarray:
@@ -102,10 +125,6 @@ def _touching(row: np.ndarray) -> np.ndarray:
     near[1:] |= row[:-1]
     near[:-1] |= row[1:]
     return near
-
-
-def _row_of(packed: np.ndarray, y: int, width: int) -> np.ndarray:
-    return np.unpackbits(packed[y], count=width).view(bool)
 
 
 def _components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -123,35 +142,46 @@ def _components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             root = jumped
 
 
-def finish_seams(packed: np.ndarray, width: int, parts: list[tuple[int, Pending]]) -> np.ndarray:
-    """Resolve hysteresis across seams in place and return `packed`.
+class Seams(NamedTuple):
+    """What the seam pass needs of one strip: its own rows, pending pixels, and its first and last
+    own row of edges ((width,) bool each)."""
 
-    `packed` is the whole edge map as `np.packbits(edges, axis=1)`, (H, ceil(W/8)) uint8; `parts`
-    holds each strip's first row and pending pixels, top to bottom. A pending component becomes an
-    edge when it touches an edge across a seam, directly or through other pending components.
-    Only pending pixels are visited (tens of thousands at 8K), never the whole map.
+    rows: int
+    pending: Pending
+    first: np.ndarray
+    last: np.ndarray
+
+
+def finish_seams(width: int, parts: list[Seams]) -> list[np.ndarray]:
+    """Resolve hysteresis across seams: per strip (top to bottom), the flat indices (into its own
+    rows) of the pending pixels that become edges.
+
+    A pending component becomes an edge when it touches an edge across a seam, directly or
+    through other pending components. Only pending pixels and the rows beside each seam are
+    visited, never a whole edge map.
     """
-    if len(parts) < 2 or not any(p.at.size for _, p in parts):
-        return packed
+    none = [np.zeros(0, np.int32) for _ in parts]
+    if len(parts) < 2 or not any(p.pending.at.size for p in parts):
+        return none
     nodes, total = [], 0  # each strip's pending components get global node ids
-    for _, p in parts:
-        uniq, inverse = np.unique(p.label, return_inverse=True)
+    for p in parts:
+        uniq, inverse = np.unique(p.pending.label, return_inverse=True)
         nodes.append(total + inverse.reshape(-1))
         total += uniq.size
     linked = np.zeros(total, bool)
     pairs_a, pairs_b = [], []
     for k in range(1, len(parts)):
-        (above_row0, above), (y, below) = parts[k - 1], parts[k]
+        above, below = parts[k - 1], parts[k]
         # Pending pixels on the last row above the seam and on the first row below it.
-        first = (y - 1 - above_row0) * width
-        cut = np.searchsorted(above.at, first)
-        xa, na = above.at[cut:] - first, nodes[k - 1][cut:]
-        cut = np.searchsorted(below.at, width)
-        xb, nb = below.at[:cut], nodes[k][:cut]
+        first = (above.rows - 1) * width
+        cut = np.searchsorted(above.pending.at, first)
+        xa, na = above.pending.at[cut:] - first, nodes[k - 1][cut:]
+        cut = np.searchsorted(below.pending.at, width)
+        xb, nb = below.pending.at[:cut], nodes[k][:cut]
         if xa.size:
-            linked[na[_touching(_row_of(packed, y, width))[xa]]] = True
+            linked[na[_touching(below.first)[xa]]] = True
         if xb.size:
-            linked[nb[_touching(_row_of(packed, y - 1, width))[xb]]] = True
+            linked[nb[_touching(above.last)[xb]]] = True
         if xa.size and xb.size:  # pending touching pending across the seam: one component
             node_at = np.full(width + 2, -1)
             node_at[xb + 1] = nb
@@ -164,9 +194,13 @@ def finish_seams(packed: np.ndarray, width: int, parts: list[tuple[int, Pending]
         linked_root = np.zeros(total, bool)
         linked_root[root[linked]] = True
         linked = linked_root[root]
-    for (row0, p), node in zip(parts, nodes):
-        px = p.at[linked[node]]
-        rows, cols = row0 + px // width, px % width
+    return [p.pending.at[linked[node]] for p, node in zip(parts, nodes)]
+
+
+def set_edges(packed: np.ndarray, at: np.ndarray, width: int) -> np.ndarray:
+    """Set the pixels `at` (flat indices) in a packed edge map ((rows, ceil(width/8)) uint8), in place."""
+    if at.size:
+        rows, cols = at // width, at % width
         np.bitwise_or.at(packed, (rows, cols >> 3), np.right_shift(0x80, cols & 7).astype(np.uint8))
     return packed
 

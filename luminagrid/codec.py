@@ -107,6 +107,24 @@ def unpack_pending(data: bytes | None, rows: int, width: int) -> Pending:
     return Pending(at, label)
 
 
+def pack_indices(at: np.ndarray) -> bytes:
+    """Ascending pixel indices (int32) as LZ4 bytes (empty for none)."""
+    return lz4.frame.compress(np.ascontiguousarray(at, np.int32).tobytes()) if at.size else b""
+
+
+def unpack_indices(data: bytes, limit: int) -> np.ndarray:
+    """`pack_indices`' int32 indices, each checked to lie in [0, `limit`)."""
+    if not data:
+        return np.zeros(0, np.int32)
+    raw, _ = _lz4_bounded(data, 4 * limit, "pixel indices")
+    if len(raw) % 4:
+        raise CodecError(f"pixel indices hold {len(raw)} bytes, not 4 per index")
+    at = np.frombuffer(raw, np.int32)
+    if at.size and (at.min() < 0 or at.max() >= limit):
+        raise CodecError(f"pixel indices fall outside the strip's {limit} pixels")
+    return at
+
+
 def _lz4_bounded(data: bytes, limit: int, what: str) -> tuple[bytes, bool]:
     """LZ4-decompress at most `limit` + 1 bytes, so a forged frame cannot balloon in memory.
 

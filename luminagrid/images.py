@@ -6,8 +6,9 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -18,11 +19,8 @@ from luminagrid.errors import InputError, OutputError
 LOSSLESS_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".pgm", ".pbm", ".webp")
 
 
-def read_image(path: Path, max_pixels: int) -> np.ndarray:
-    """Decode an image file as OpenCV does: (H, W) or (H, W, 3), uint8 or uint16.
-
-    EXIF orientation is applied; alpha is dropped (it does not enter the gray conversion).
-    """
+def check_readable(path: Path) -> None:
+    """Raise `InputError` unless `path` is a non-empty file we may read."""
     try:
         if not path.exists():
             raise InputError(f"{path}: no such file; check the path.")
@@ -30,8 +28,18 @@ def read_image(path: Path, max_pixels: int) -> np.ndarray:
             raise InputError(f"{path} is a directory; give an image file.")
         if path.stat().st_size == 0:
             raise InputError(f"{path} is empty (0 bytes); give an image file.")
+        with open(path, "rb"):
+            pass
     except OSError as exc:  # e.g. a folder on the way that we may not enter
         raise InputError(f"{path}: cannot read it ({exc.strerror}); check its permissions.") from None
+
+
+def read_image(path: Path, max_pixels: int) -> np.ndarray:
+    """Decode an image file as OpenCV does: (H, W) or (H, W, 3), uint8 or uint16.
+
+    EXIF orientation is applied; alpha is dropped (it does not enter the gray conversion).
+    """
+    check_readable(path)
     with _stderr_captured() as diagnostics:
         try:
             image = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
@@ -151,6 +159,11 @@ def write_image_atomic(out: Path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(out.suffix.lower(), image)
     if not ok:
         raise OutputError(f"{out}: OpenCV could not encode the result as {out.suffix}.")
+    _atomic(out, lambda f: f.write(buf.data))
+
+
+def _atomic(out: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Run `write` on a temp file beside `out`, then rename it to `out`; on any error, remove it."""
     parent = out.parent if str(out.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -158,7 +171,7 @@ def write_image_atomic(out: Path, image: np.ndarray) -> None:
         raise OutputError(f"{out}: cannot write there ({exc.strerror}); choose another -o.") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(buf.data)
+            write(f)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, out)
     except OSError as exc:
@@ -167,6 +180,22 @@ def write_image_atomic(out: Path, image: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bilevel_png_atomic(out: Path, rows: Iterator[np.ndarray], width: int, height: int) -> None:
+    """Write a 1-bit gray PNG (reads back as 0/255) from blocks of packed rows (np.packbits
+    layout: MSB first, a set bit is white), as they come: the image is never whole in memory.
+
+    Atomic as `write_image_atomic`: a temp file beside `out`, then a rename; nothing left on error.
+    """
+    import png  # noqa: PLC0415 - pypng: only this writer needs it
+
+    def packed_rows() -> Iterator[bytes]:
+        for block in rows:
+            yield from (row.tobytes() for row in block)
+
+    writer = png.Writer(width, height, greyscale=True, bitdepth=1, compression=1)
+    _atomic(out, lambda f: writer.write_packed(f, packed_rows()))
 
 
 def _umask() -> int:

@@ -14,11 +14,9 @@ changes meanwhile it writes the record and payloads again and asks the superviso
 from __future__ import annotations
 
 import math
-import os
 import time
-import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import kombu.exceptions
 import numpy as np
 import redis
-from celery import chord, states
+from celery import states
 
 from luminagrid import broker, claims, codec, images, liveness, messages, ops, status, strips
 from luminagrid import record as records
@@ -44,7 +42,6 @@ from luminagrid.errors import (
 from luminagrid.record import Record
 from luminagrid.settings import JOB_EVENTS_KEY, PROGRESS_KEY, QUEUE, WALK_KEY, Settings
 from luminagrid.stages import Stages
-from luminagrid.tasks import stitch_signature, strip_signature
 
 #: How often `Job.wait` looks for the result, in seconds: fast at first (small jobs finish in
 #: tens of milliseconds), then slower, so that many waiting clients cost Redis little.
@@ -54,8 +51,10 @@ PROGRESS_EVERY_S = 0.25
 #: After this long unfinished, check that some worker is alive (then every 10 s), in seconds.
 WORKER_CHECK_S = 2.0
 #: How long the submitter keeps a job's payloads after publishing, to write them again if Redis
-#: crashed before persisting them (AOF `appendfsync everysec` fsyncs every second), in seconds.
-DURABLE_S = 3.0
+#: crashed before persisting them (AOF `appendfsync everysec` fsyncs every second), in seconds;
+#: and at most how many bytes of them (the oldest go first: a fast publisher's memory stays bounded).
+DURABLE_S = 2.0
+DURABLE_MAX_BYTES = 64 * 1024 * 1024
 REDIS_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError, OSError)
 
 Notice = Callable[[str], None]
@@ -88,10 +87,11 @@ class Params:
 
 @dataclass
 class JobResult:
-    """A finished job: `image` is (H, W) or (H, W, 3) uint8 (Canny: (H, W), 0 and 255)."""
+    """A finished job. `image` is (H, W) or (H, W, 3) uint8 (Canny: (H, W), 0 and 255), fetched
+    from Redis when first asked for; `write(path)` writes the output without it where the format
+    allows (Canny to PNG: row by row, never the whole image in memory)."""
 
     job_id: str
-    image: np.ndarray
     #: worker name -> strips it computed
     workers: dict[str, int]
     stitched_by: str
@@ -99,14 +99,69 @@ class JobResult:
     #: recoveries the supervisor made for this job (lost strips or stitch published again, ...)
     republished: int = 0
     stages: Stages = field(default_factory=Stages)
+    spec: messages.JobSpec | None = None
+    #: the stitch task's result, claims not yet fetched
+    stitched: dict[str, Any] = field(default_factory=dict)
+    _image: np.ndarray | None = None
+
+    @property
+    def image(self) -> np.ndarray:
+        if self._image is None:
+            assert self.spec is not None
+            spec = self.spec
+            with self.stages.timed("collect"):
+                try:
+                    self._image = spec.operation.collect(self._fetched(), spec.height, spec.width, spec.channels)
+                except codec.CodecError as exc:
+                    raise JobFailed(f"job {self.job_id} finished but its output cannot be read: {exc}") from None
+        return self._image
 
     @property
     def edges(self) -> np.ndarray:
         """The output under Canny's name (kept for callers written before other operations)."""
         return self.image
 
+    def write(self, out: Path) -> None:
+        """Write the output to `out` atomically (a temp file, then a rename)."""
+        assert self.spec is not None
+        spec, op = self.spec, self.spec.operation
+        streamable = self._image is None and out.suffix.lower() == ".png" and hasattr(op, "packed_rows")
+        if not streamable:
+            image = self.image
+            with self.stages.timed("write"):
+                images.write_image_atomic(out, image)
+            return
+        with self.stages.timed("write"):  # fetching each strip's edges as its rows are written
+            try:
+                images.write_bilevel_png_atomic(out, op.packed_rows(self._fetched(lazily=True), spec.width),
+                                                spec.width, spec.height)
+            except codec.CodecError as exc:
+                raise JobFailed(f"job {self.job_id} finished but its output cannot be read: {exc}") from None
 
-def _run_id(db: redis.Redis) -> str:
+    def _fetched(self, lazily: bool = False) -> dict[str, Any]:
+        """The stitched result with its claims' bytes (`lazily`: list items as functions that fetch them)."""
+        assert self.spec is not None
+        spec = self.spec
+
+        def key_of(field: str, index: int | None) -> str:  # a list holds one value per strip
+            return claims.key_for(spec.id, "out", spec.strips if index is None else index, field)
+
+        limit, what = messages.result_limit(spec.height, spec), f"job {spec.id} output"
+        if not lazily:
+            return claims.redeem_fields(self.stitched, key_of, limit, what)
+
+        def later(value: Any, key: str) -> Any:
+            return (lambda: claims.redeem(value, key, limit, what)) if claims.is_claim(value) else value
+
+        return {
+            k: [later(item, key_of(k, i)) for i, item in enumerate(v)] if isinstance(v, list)
+            else claims.redeem(v, key_of(k, None), limit, what) if claims.is_claim(v) else v
+            for k, v in self.stitched.items()
+        }
+
+
+def redis_run_id(db: redis.Redis) -> str:
+    """Redis's run id: it changes when Redis restarts."""
     return str(db.info("server")["run_id"])
 
 
@@ -117,11 +172,12 @@ class Job:
     record: Record
     #: where this job's time went; the submitter fills in read..publish, `wait` the rest
     stages: Stages = field(default_factory=Stages)
-    #: (key, bytes) of every payload, kept by the submitter until the job is durable in Redis
-    payloads: list[tuple[str, bytes]] | None = None
-    #: Redis's run id when the job was written, and when that write became durable
+    #: (published at, key, bytes) of the payloads of the last `DURABLE_S` seconds: those a crash of
+    #: Redis could still lose; written again if Redis's run id changes meanwhile
+    kept: deque[tuple[float, str, bytes]] = field(default_factory=deque)
+    kept_bytes: int = 0
+    #: Redis's run id when the job was written
     run_id: str | None = None
-    durable_at: float = 0.0
     ttl_s: int = Settings.result_ttl_s
 
     @property
@@ -174,13 +230,16 @@ class Job:
         on_progress: Callable[[int, int], None] | None = None,
         on_notice: Notice | None = None,
         forget: bool = True,
+        fetch: bool = True,
     ) -> JobResult:
         """Block until the stitched result is in; raise `JobFailed`, `JobTimeout` or `BrokerUnreachable`.
 
-        With `forget`, the job's data is deleted from Redis once collected; otherwise call `forget()`
-        after using the result (as the CLI does, after writing the file).
+        With `fetch`, the result's image is fetched before this returns; otherwise when first asked
+        for, or never when `JobResult.write` streams it (then keep the job's data: no `forget`).
+        With `forget`, the job's data is then deleted from Redis; otherwise call `forget()` when
+        done with the result.
         """
-        waiter = self.waiter(timeout_s, on_progress, on_notice)
+        waiter = self.waiter(timeout_s, on_progress, on_notice, eager=fetch or forget)
         while (result := waiter.step()) is None:
             time.sleep(waiter.pause_s)
         if forget:
@@ -192,56 +251,65 @@ class Job:
         timeout_s: float = 600.0,
         on_progress: Callable[[int, int], None] | None = None,
         on_notice: Notice | None = None,
+        eager: bool = False,
     ) -> Waiter:
-        """A non-blocking `wait`: call `step()` until it returns the result (how batches wait on many)."""
-        return Waiter(self, timeout_s, on_progress, on_notice or (lambda _text: None))
+        """A non-blocking `wait`: call `step()` until it returns the result (how batches wait on many).
 
-    def _collect(self, meta: dict[str, Any], wall_s: float) -> JobResult:
-        spec = self.spec
+        With `eager`, the result's image is fetched at once; else when first asked for (or never,
+        when `JobResult.write` can stream it): keep the job's data in Redis until then."""
+        return Waiter(self, timeout_s, on_progress, on_notice or (lambda _text: None), eager)
 
-        def key_of(field: str, index: int | None) -> str:  # a list holds one value per strip
-            return claims.key_for(spec.id, "out", spec.strips if index is None else index, field)
-
-        meta = claims.redeem_fields(meta, key_of, messages.result_limit(spec.height, spec), f"job {self.id} output")
-        try:
-            image = spec.operation.collect(meta, spec.height, spec.width, spec.channels)
-        except codec.CodecError as exc:
-            raise JobFailed(f"job {self.id} finished but its output cannot be read: {exc}") from None
+    def _collect(self, meta: dict[str, Any], wall_s: float, eager: bool) -> JobResult:
+        """The result of the stitch's `meta`; with `eager`, its image fetched now."""
         seconds = meta.get("seconds") or {}
         stitch_s = float(seconds.get("stitch", 0.0))
         self.stages.add("compute", max(0.0, wall_s - stitch_s))
         self.stages.add("stitch", stitch_s)
         self.stages.worker_seconds = {k: float(v) for k, v in (seconds.get("strips") or {}).items()}
         self.stages.slowest_strip_s = float(seconds.get("slowest_strip", 0.0))
-        return JobResult(
-            job_id=self.id, image=image, workers=dict(meta["workers"]), stitched_by=str(meta["stitched_by"]),
+        result = JobResult(
+            job_id=self.id, workers=dict(meta["workers"]), stitched_by=str(meta["stitched_by"]),
             wall_s=wall_s, republished=int(records.fast_client().llen(JOB_EVENTS_KEY.format(job=self.id))),
-            stages=self.stages,
+            stages=self.stages, spec=self.spec, stitched=meta,
         )
+        if eager:
+            result.image  # noqa: B018 - fetch it while the job's data is surely in Redis
+        return result
 
     # --- durability: what only the submitter can do -----------------------------------------------
 
+    def keep(self, key: str, data: bytes) -> None:
+        """A payload just written: keep it until Redis has surely persisted it (`_watch_redis`)."""
+        self.kept.append((time.monotonic(), key, data))
+        self.kept_bytes += len(data)
+        while self.kept_bytes > DURABLE_MAX_BYTES:  # memory stays bounded: the oldest go first
+            self.kept_bytes -= len(self.kept.popleft()[2])
+
+    def _forget_durable(self) -> None:
+        """Redis has not restarted since the job was written: what it got `DURABLE_S` ago is on disk."""
+        while self.kept and time.monotonic() - self.kept[0][0] >= DURABLE_S:
+            self.kept_bytes -= len(self.kept.popleft()[2])
+
     def _watch_redis(self, db: redis.Redis, notice: Notice) -> None:
         """Write the job again if Redis restarted before the job was durable (see module docstring)."""
-        run_id = _run_id(db)
+        now_id = redis_run_id(db)
         if self.run_id is None:
-            self.run_id = run_id
-        if run_id == self.run_id:
-            if self.payloads is not None and time.monotonic() >= self.durable_at:
-                self.payloads = None  # on disk by now: the supervisor can republish from Redis
+            self.run_id = now_id
+        if now_id == self.run_id:
+            self._forget_durable()
             return
-        self.run_id = run_id
-        if self.payloads is None or records.is_cancelled(self.id):
+        self.run_id = now_id
+        if not self.kept or records.is_cancelled(self.id):
             return
         notice(f"Redis restarted within {DURABLE_S:g} s of receiving job {self.id}; writing the job again")
         with records.client().pipeline(transaction=False) as pipe:
-            for key, data in self.payloads:
+            for _, key, data in self.kept:
                 pipe.set(key, data, ex=self.ttl_s)
             pipe.set(WALK_KEY, f"job {self.id}'s submitter saw Redis restart", ex=self.ttl_s)
             pipe.execute()
-        if self.record.state == records.RUNNING:  # (else `submit_pixels` marks it running next)
-            records.mark_running(self.record, self.ttl_s)
-        self.durable_at = time.monotonic() + DURABLE_S
+        records.mark_running(self.record, self.ttl_s)  # the record too, unless it was cancelled
+        now = time.monotonic()
+        self.kept = deque((now, key, data) for _, key, data in self.kept)
 
     # --- cancel and clean up ----------------------------------------------------------------------
 
@@ -250,7 +318,8 @@ class Job:
 
         `fast`: fail at once if Redis is away (on Ctrl-C), instead of retrying for a minute."""
         records.cancel(self.record, self.ttl_s, records.fast_client() if fast else None)
-        self.payloads = None
+        self.kept.clear()
+        self.kept_bytes = 0
 
     def forget_quietly(self) -> None:
         """`forget`, for clean-up after a failure: a Redis error here changes nothing."""
@@ -268,9 +337,11 @@ class Waiter:
     """One job's wait, a step at a time: the result, progress, Redis outages and the deadline."""
 
     def __init__(
-        self, job: Job, timeout_s: float, on_progress: Callable[[int, int], None] | None, notice: Notice
+        self, job: Job, timeout_s: float, on_progress: Callable[[int, int], None] | None, notice: Notice,
+        eager: bool = False,
     ) -> None:
         self.job, self.timeout_s, self.on_progress, self.notice = job, timeout_s, on_progress, notice
+        self.eager = eager
         self.start = time.monotonic()
         self.deadline = self.start + timeout_s
         self.next_progress = self.start
@@ -294,7 +365,7 @@ class Waiter:
         db = records.fast_client()
         try:
             now = time.monotonic()
-            if job.payloads is not None and now >= self.next_redis_check:  # until the job is durable
+            if job.kept and now >= self.next_redis_check:  # until the job is durable
                 job._watch_redis(db, self.notice)
                 self.next_redis_check = now + 0.25
             meta = records.metas([job.id], db)[0]
@@ -327,8 +398,7 @@ class Waiter:
         """The result, or None if its bytes vanished in a Redis restart (then the supervisor redoes
         what was lost and a later step collects)."""
         try:
-            with self.job.stages.timed("collect"):
-                return self.job._collect(meta, time.monotonic() - self.start)
+            return self.job._collect(meta, time.monotonic() - self.start, self.eager)
         except ClaimGone as exc:
             self.job._watch_redis(records.fast_client(), self.notice)  # writes the job again if a crash lost it
             if not records.exists(self.job.id):
@@ -383,20 +453,6 @@ class Waiter:
         raise JobTimeout(f"job {job.id} did not finish within {self.timeout_s:g} s ({where}); {later} (or raise --timeout).")
 
 
-def load(
-    image: np.ndarray | str | Path, op: ops.Operation, settings: Settings, stages: Stages | None = None
-) -> np.ndarray:
-    """The 8-bit array `op` computes on (`Operation.prepare`), from a path or an array."""
-    stages = stages or Stages()
-    if isinstance(image, (str, Path)):
-        with stages.timed("read"):
-            image = images.read_image(Path(image), settings.max_pixels)
-    else:
-        images.check_pixels(image, settings.max_pixels, "the image")
-    with stages.timed("convert"):
-        return op.prepare(image)
-
-
 def submit(
     image: np.ndarray | str | Path,
     *,
@@ -413,77 +469,65 @@ def submit(
 
     `op` names the operation (`ops.REGISTRY`) and `params` its parameters; `low`/`high` are
     shorthands for Canny's. Canny runs on the gray conversion (`images.to_gray8`), the other
-    operations on 8-bit gray or BGR (`images.to_bgr8`).
+    operations on 8-bit gray or BGR (`images.to_bgr8`). A file is read as it is sent
+    (`source.py`): strips leave while later rows are still being decoded.
     """
     given = dict(params or {})
     given.update({k: v for k, v in (("low", low), ("high", high)) if v is not None})
     checked = Params(op=op, values=given, strips=strips, codec=Codec(codec), quality=int(quality)).validate()
     settings = settings or Settings.from_env()
-    stages = Stages()
-    return submit_pixels(load(image, checked.operation, settings, stages), checked, settings=settings, stages=stages)
+    if isinstance(image, (str, Path)):
+        return submit_file(Path(image), checked, settings=settings)
+    return submit_pixels(image, checked, settings=settings)
+
+
+def submit_file(
+    path: Path, params: Params, output: str | None = None, settings: Settings | None = None,
+    stages: Stages | None = None,
+) -> Job:
+    """Read `path` strip by strip and publish each strip as soon as its rows are decoded.
+
+    `output` is recorded with the job, for `cli.py result` to write to later."""
+    from luminagrid import source  # noqa: PLC0415 - publish needs this module
+
+    settings = settings or Settings.from_env()
+    stages = stages or Stages()
+    with stages.timed("read"):
+        src = source.open_source(path, settings.max_pixels)
+    return submit_source(src, params, output, settings, stages)
+
+
+def submit_source(
+    src: Any, params: Params, output: str | None = None, settings: Settings | None = None,
+    stages: Stages | None = None,
+) -> Job:
+    """Publish a job for an opened `source.Source` (how the CLI opens a file before it starts
+    an embedded cluster, so that a bad file fails at once)."""
+    stages = stages or Stages()
+    if src.path is not None and not src.streamed:
+        stages.note = f"{src.path} was decoded whole, not streamed: {src.whole_because}"
+    return _send(src, params, output, settings or Settings.from_env(), stages)
 
 
 def submit_pixels(
     pixels: np.ndarray, params: Params, output: str | None = None, settings: Settings | None = None,
     stages: Stages | None = None,
 ) -> Job:
-    """Send the chord for an (H, W) or (H, W, 3) uint8 image (`load`), with validated `params`.
+    """Send the chord for an (H, W) or (H, W, 3/4) uint8/uint16 image array, with validated `params`."""
+    from luminagrid import source  # noqa: PLC0415
 
-    Before the first message, the job's record and every strip's payload are written to Redis
-    (`record.py`), so the cluster can recover the job without this process. `output` is
-    recorded with the job, for `cli.py result` to write to later; `stages` holds the timing of
-    what came before (reading, conversion).
-    """
     settings = settings or Settings.from_env()
-    op = params.operation
-    height, width = pixels.shape[:2]
-    count = params.strips or strips.default_strip_count(height, width, op.strip_pixels)
-    plan = strips.plan_strips(height, count, strips.halo_for(op.halo_rows(params.values)))
-    spec = messages.JobSpec(
-        id=str(uuid.uuid4()), op=op.name, params=dict(params.values), width=width, height=height,
-        channels=codec.channels_of(pixels), strips=len(plan), codec=params.codec, quality=params.quality,
-    )
-    rec = Record(spec=spec, output=output, submitted_at=time.time())
-    job = Job(record=rec, stages=stages or Stages(), ttl_s=settings.result_ttl_s)
-    with job.stages.timed("encode"):
-        # Both codecs release the GIL: encode strips on every core.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            payloads = list(pool.map(lambda s: codec.encode_strip(pixels[s.top:s.bottom], params.codec, params.quality), plan))
-    keys = [claims.key_for(spec.id, "in", s.index) for s in plan]
+    images.check_pixels(pixels, settings.max_pixels, "the image")
+    return _send(source.from_array(pixels), params, output, settings, stages or Stages())
+
+
+def _send(src: Any, params: Params, output: str | None, settings: Settings, stages: Stages) -> Job:
+    from luminagrid import publish  # noqa: PLC0415
+
     try:
-        db = records.client()
-        with job.stages.timed("publish"):
-            job.run_id = _run_id(db)
-            with db.pipeline(transaction=False) as pipe:  # the record and every payload, then messages
-                rec.save(settings.result_ttl_s, pipe)
-                for key, data in zip(keys, payloads):
-                    pipe.set(key, data, ex=settings.result_ttl_s)
-                pipe.execute()
-            # Small payloads ride inside their messages too (no round trip for the worker).
-            header = [
-                strip_signature(rec, s, data if len(data) <= settings.inline_max_bytes else {"claim": key})
-                for s, data, key in zip(plan, payloads, keys)
-            ]
-            chord(header, stitch_signature(rec), task_id=rec.group_id).apply_async()
-            job.payloads = list(zip(keys, payloads))
-            job.durable_at = time.monotonic() + DURABLE_S
-            job._watch_redis(db, lambda _text: None)  # did Redis restart while we published?
-            job.record = rec.with_state(records.RUNNING)
-            records.mark_running(rec, settings.result_ttl_s)  # not if it was cancelled meanwhile
+        return publish.send(src, params, output, settings, stages)
     except REDIS_ERRORS as exc:
-        _cancel_quietly(job)  # what went out must not run on, unwanted
         raise BrokerUnreachable(
             f"could not submit to Redis at {broker.redacted(app.conf.broker_url)} ({exc}); check that it is "
             "up and that LUMINAGRID_BROKER_URL is right."
         ) from None
-    except KeyboardInterrupt:  # interrupted while publishing: what was sent must not run
-        _cancel_quietly(job)
-        raise
-    return job
-
-
-def _cancel_quietly(job: Job) -> None:
-    try:
-        job.cancel(fast=True)
-    except REDIS_ERRORS:
-        pass  # Redis is away: the supervisor finishes the job once it is back (`PUBLISH_STALE_S`)

@@ -6,6 +6,12 @@ the other end), and each message a worker took but has not acknowledged in the `
 is JSON whose body comes first; its headers and properties (`"correlation_id": "<task id>"`)
 come last, so the task id is found in the tail without reading the pixels.
 
+A queue is one list per priority step (kombu's `priority_steps`): a message goes to the list of
+the largest step at or below its priority, and workers take from the lowest step first (the
+step-0 list has the queue's own name, the others `<queue>\\x06\\x16<step>`). Strips carry their
+job's size class as priority (`priority_for`), so a small job's strips are taken before a big
+job's thousand queued ones.
+
 Nothing here walks a whole queue in one command: `find_queued` reads a page at a time.
 """
 
@@ -18,6 +24,12 @@ from typing import Any
 import redis
 from kombu import Connection
 
+#: kombu's Redis priority steps and the separator of their lists' names (its defaults, set
+#: explicitly in celeryconfig.py). 0 is taken first.
+PRIORITY_STEPS = (0, 3, 6, 9)
+PRIORITY_SEP = "\x06\x16"
+#: A job of at most this many pixels gets the step at the same place (bigger ones: the last).
+PRIORITY_PIXELS = (4_000_000, 40_000_000, 400_000_000)
 #: kombu's keys (Channel.unacked_key / unacked_index_key defaults).
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
@@ -85,31 +97,50 @@ def unacked_tasks(client: redis.Redis, tags: Iterable[str]) -> dict[str, tuple[s
     return {t: (found[2 * i], found[2 * i + 1]) for i, t in enumerate(tags) if found[2 * i]}
 
 
+def priority_for(pixels: int) -> int:
+    """The priority of a job's strips, by its size: up to 4 MP 0 (taken first), up to 40 MP 3,
+    up to 400 MP 6, bigger 9. Jobs of one size class are first in, first out."""
+    for step, most in zip(PRIORITY_STEPS, PRIORITY_PIXELS):
+        if pixels <= most:
+            return step
+    return PRIORITY_STEPS[-1]
+
+
+def lists_of(queue: str) -> list[str]:
+    """The Redis lists of `queue`, one per priority step, in the order workers take from them."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+
+
 def queued_count(client: redis.Redis, queue: str) -> int:
-    return int(client.llen(queue))
+    """Messages waiting in `queue`, at every priority."""
+    with client.pipeline(transaction=False) as pipe:
+        for name in lists_of(queue):
+            pipe.llen(name)
+        return sum(int(n) for n in pipe.execute())
 
 
 def find_queued(client: redis.Redis, queue: str, wanted: set[str],
                 between_pages: Callable[[], None] | None = None) -> set[str]:
-    """Which of the task ids `wanted` have a message in `queue`, a bounded page at a time
-    (`between_pages` runs between them, e.g. to renew a lease).
+    """Which of the task ids `wanted` have a message in `queue` (any priority), a bounded page
+    at a time (`between_pages` runs between them, e.g. to renew a lease).
 
     Reads from the newest end: publishing only moves messages further along and taking removes
     them at the far end, so a message that stays queued throughout is found; one taken meanwhile
     may be missed (the caller checks again for such).
     """
     found: set[str] = set()
-    start = 0
-    while wanted - found:
-        reply = _ids(client, queue, "list", start, PAGE, PAGE_BYTES)
-        read, ended = int(reply[0]), reply[1] == "1"
-        found.update(wanted.intersection(reply[2:]))
-        if ended or not read:
-            break
-        start += read
-        time.sleep(PAGE_PAUSE_S)  # let other clients in between pages
-        if between_pages is not None:
-            between_pages()
+    for name in lists_of(queue):
+        start = 0
+        while wanted - found:
+            reply = _ids(client, name, "list", start, PAGE, PAGE_BYTES)
+            read, ended = int(reply[0]), reply[1] == "1"
+            found.update(wanted.intersection(reply[2:]))
+            if ended or not read:
+                break
+            start += read
+            time.sleep(PAGE_PAUSE_S)  # let other clients in between pages
+            if between_pages is not None:
+                between_pages()
     return found
 
 

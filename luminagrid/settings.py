@@ -43,6 +43,9 @@ KEY_PREFIX = "luminagrid:"
 JOB_KEY = KEY_PREFIX + "job:{job}"
 #: Present while a job is cancelled: strip tasks check it before decoding (`record.py`).
 CANCEL_KEY = KEY_PREFIX + "cancel:{job}"
+#: Present while a job's submitter is publishing it, renewed every half second (`publish.py`): its
+#: absence tells the supervisor the submitter is gone.
+PUBLISHER_KEY = KEY_PREFIX + "publisher:{job}"
 #: Hash strip index -> final state (SUCCESS/FAILURE), written with the strip's result (`backend.py`).
 PROGRESS_KEY = KEY_PREFIX + "progress:{job}"
 #: Sorted set of the jobs the supervisor watches (score: submitted at, unix seconds).

@@ -1,10 +1,11 @@
 """Per-stage timing of a job: where its wall-clock time went.
 
 Stages, in pipeline order (seconds): `read` (decode the input file), `convert` (to the 8-bit
-gray or BGR the operation computes on), `encode` (strip payloads), `publish` (the chord onto
-Redis), `compute` (from published to every strip done, as the submitter sees it), `stitch` (the
-stitch task's own work), `collect` (fetch and unpack the result), `write` (the output file, CLI
-only). Workers also report CPU seconds summed over strips.
+gray or BGR the operation computes on), `encode` (strip payloads), `publish` (each strip onto
+Redis), `compute` (from the last strip published to every strip done, as the submitter sees it),
+`stitch` (the stitch task's own work), `collect` (fetch and unpack the result), `write` (the
+output file, CLI only). A streamed file's reading runs beside converting, encoding and
+publishing, so those four overlap. Workers also report CPU seconds summed over strips.
 """
 
 from __future__ import annotations
@@ -26,6 +27,21 @@ class Stages:
     worker_seconds: dict[str, float] = field(default_factory=dict)
     #: the slowest strip's own compute time, seconds
     slowest_strip_s: float = 0.0
+    #: moments of the job (e.g. "first strip published"), seconds since `start`, the first time each
+    events: dict[str, float] = field(default_factory=dict)
+    #: (seconds since `start`, what, value), in order: ("read", rows decoded so far) and
+    #: ("published", strips sent so far) per strip: a job's time line (bench/run.py charts it)
+    timeline: list[tuple[float, str, int]] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+    #: something the user should know about how the job ran (e.g. why the input was not streamed)
+    note: str = ""
+
+    def mark(self, event: str) -> None:
+        """Note the first time `event` happens."""
+        self.events.setdefault(event, time.perf_counter() - self.start)
+
+    def log(self, what: str, value: int) -> None:
+        self.timeline.append((time.perf_counter() - self.start, what, value))
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:

@@ -97,8 +97,9 @@ def of(record: Record) -> Status:
     failed = any(s == states.FAILURE for s in progress.values())
     stitch_state = stitch_meta["status"] if stitch_meta else None
     error = None
-    if record.state == records.CANCELLED or records.is_cancelled(job_id, db):
-        state = "cancelled"
+    verdict = stitch_state == states.FAILURE and isinstance(stitch_meta.get("result"), MessageError)  # type: ignore[union-attr]
+    if not verdict and (record.state == records.CANCELLED or records.is_cancelled(job_id, db)):
+        state = "cancelled"  # (the supervisor's verdict on a job it ended outranks its cancel mark)
     elif stitch_state == states.SUCCESS:
         state = "done"
     elif failed or stitch_state == states.FAILURE:

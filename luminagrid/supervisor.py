@@ -67,6 +67,7 @@ from luminagrid.settings import (
     JOB_EVENTS_KEY,
     LEASE_KEY,
     PROGRESS_KEY,
+    PUBLISHER_KEY,
     QUEUE,
     QUEUES,
     RECOVERIES_KEY,
@@ -90,9 +91,9 @@ MAX_EVENTS = 1000
 #: at least this far apart, in seconds.
 COUNT_SHORT_S = 3.0
 COUNT_WALK_EVERY_S = 30.0
-#: A job whose record still says "publishing" after this long lost its submitter mid-publish, in
-#: seconds (publishing retries through a Redis outage for up to ~20 s).
-PUBLISH_STALE_S = 30.0
+#: A job still "publishing" whose submitter's key (`PUBLISHER_KEY`) was absent this long lost its
+#: submitter mid-publish, in seconds (at least 2 liveness TTLs).
+PUBLISHER_GRACE_S = 4.0
 #: A task recovered more often than this fails its job: something keeps losing its data.
 MAX_RECOVERIES_PER_TASK = 10
 #: A lost strip whose payload is gone from Redis (a crash lost it) fails its job after this long,
@@ -199,7 +200,9 @@ class Supervisor(threading.Thread):
         self.stitch_suspects: dict[str, float] = {}
         self.records: dict[str, Record] = {}
         #: when each job still publishing was first seen so
-        self.publishing_since: dict[str, float] = {}
+        self.publisher_gone_since: dict[str, float] = {}
+        # Long enough for a submitter to renew its key once Redis is back from an outage.
+        self.publisher_grace_s = max(PUBLISHER_GRACE_S, 2 * self.settings.liveness_ttl_s)
         #: when each cancelled job was first seen cancelled
         self.cancelled_since: dict[str, float] = {}
         self.short_since: float | None = None
@@ -424,16 +427,44 @@ class Supervisor(threading.Thread):
         if gone:
             self.db.zrem(ACTIVE_JOBS_KEY, *gone)
         now = time.monotonic()
-        for job_id, r in list(self.records.items()):
-            if r.state != records.PUBLISHING:
-                self.publishing_since.pop(job_id, None)
-            elif now - self.publishing_since.setdefault(job_id, now) >= PUBLISH_STALE_S:
-                # Its submitter died while publishing (every payload was written before the first
-                # message): supervise it as running, and look for the strips it never sent.
-                self.records[job_id] = r.with_state(RUNNING)
-                self._event(job_id, f"job {job_id}: its submitter stopped while publishing; finishing the job")
-                self._request_walk(f"job {job_id} left half published", now)
+        publishing = [i for i, r in self.records.items() if r.state == records.PUBLISHING]
+        beats = self.db.mget([PUBLISHER_KEY.format(job=i) for i in publishing]) if publishing else []
+        for job_id, beat in zip(publishing, beats):
+            if beat is not None:
+                self.publisher_gone_since.pop(job_id, None)
+            elif now - self.publisher_gone_since.setdefault(job_id, now) >= self.publisher_grace_s:
+                self.publisher_gone_since.pop(job_id, None)
+                self._publisher_gone(self.records[job_id], now)
+        self.publisher_gone_since = {i: t for i, t in self.publisher_gone_since.items() if i in set(publishing)}
         return [self.records[i] for i in ids if i in self.records and self.records[i].state != records.CANCELLED]
+
+    def _publisher_gone(self, r: Record, now: float) -> None:
+        """A job's submitter stopped while publishing. If every strip's payload reached Redis,
+        finish the job (publish what it did not send); else the rest of the image was never read:
+        fail the job, skip the strips it did send and free their payloads."""
+        with self.db.pipeline(transaction=False) as pipe:
+            for i in range(r.spec.strips):
+                pipe.exists(claims.key_for(r.id, "in", i))
+            present = pipe.execute()
+        if all(present):
+            self.records[r.id] = r.with_state(RUNNING)
+            app.backend.set_chord_size(r.group_id, r.spec.strips)  # it may have died just before
+            self._event(r.id, f"job {r.id}: its submitter stopped while publishing; finishing the job")
+            self._request_walk(f"job {r.id} left half published", now)
+            return
+        read = present.index(0)
+        row = r.plan()[read].row0
+        with self.db.pipeline(transaction=True) as pipe:
+            pipe.set(CANCEL_KEY.format(job=r.id), "1", ex=self.settings.result_ttl_s)  # its strips are skipped
+            pipe.delete(*(claims.key_for(r.id, "in", i) for i in range(r.spec.strips)))
+            pipe.zrem(ACTIVE_JOBS_KEY, r.id)
+            pipe.execute()
+        app.backend.mark_as_failure(r.id, MessageError(
+            f"its submitter stopped after sending {read} of {r.spec.strips} strips (rows 0-{row} of "
+            f"{r.spec.height}); the rest of the image never reached Redis: submit the image again"))
+        self.records.pop(r.id, None)
+        self._event(r.id, f"job {r.id}: its submitter stopped after sending {read}/{r.spec.strips} strips; "
+                          "failed the job")
 
     def _check_jobs(self, view: _View, now: float) -> None:
         """Progress of every active job in one round trip; then 4 (stitches) and 5 (counts)."""

@@ -22,7 +22,7 @@ from celery import Task
 from celery.canvas import Signature
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from luminagrid import claims, codec, messages, strips
+from luminagrid import claims, codec, messages, queues, strips
 from luminagrid import record as records
 from luminagrid.app import app
 from luminagrid.errors import ClaimGone, MessageError
@@ -113,19 +113,21 @@ def _compute(task: Task, spec: messages.JobSpec, s: strips.Strip, data: bytes) -
 
 
 def _ready(task: Task, part: dict[str, Any], spec: messages.JobSpec) -> dict[str, Any]:
-    """A strip result as the stitch needs it: a global pass gets its claims' bytes, a local
-    operation only checks they are there (the client reads them). A result whose bytes a crash
-    of Redis lost is computed again here, from the strip's payload."""
+    """A strip result as the stitch needs it: the fields its operation's stitch reads
+    (`Operation.stitch_fields`) with their claims' bytes; every other claim checked to be there
+    (the client reads them). A result whose bytes a crash of Redis lost is computed again here,
+    from the strip's payload."""
     index = part["index"]
     limit = messages.result_limit(part["row1"] - part["row0"], spec)
     what = f"job {spec.id} strip {index} result"
+    needed = spec.operation.stitch_fields
     try:
-        if spec.operation.global_pass:
-            return claims.redeem_fields(part, lambda field, _: claims.key_for(spec.id, "out", index, field), limit, what)
         for field, value in part.items():
-            if claims.is_claim(value):
+            if claims.is_claim(value) and field not in needed:
                 claims.check(value, claims.key_for(spec.id, "out", index, field), limit, what)
-        return part
+        fetched = claims.redeem_fields({k: v for k, v in part.items() if k in needed},
+                                       lambda field, _: claims.key_for(spec.id, "out", index, field), limit, what)
+        return {**part, **fetched}
     except ClaimGone:
         log.warning("%s: its output is gone from Redis (lost in a crash?); computing strip %d again", what, index)
         s = strips.plan_strips(spec.height, spec.strips, spec.halo_rows)[index]
@@ -179,11 +181,13 @@ def stitch_signature(rec: Record) -> Signature:
 
 
 def strip_signature(rec: Record, s: strips.Strip, payload: bytes | dict[str, str], in_chord: bool = False) -> Signature:
-    """Strip `s`'s task with its payload (inline bytes or a claim). `in_chord`: with the chord
-    fields a copy published again needs, to report to the same join (`chord()` sets them itself)."""
+    """Strip `s`'s task with its payload (inline bytes or a claim), at its job's priority.
+    `in_chord`: with the chord fields a copy published again needs, to report to the same join
+    (`chord()` sets them itself)."""
     sig = run_strip.signature(
         (rec.spec.to_message(), messages.strip_message(s), payload),
         task_id=rec.strip_task_id(s.index), argsrepr=rec.strip_label(s),
+        priority=queues.priority_for(rec.spec.width * rec.spec.height),
     )
     if in_chord:
         sig = sig.clone(group_id=rec.group_id, group_index=s.index, chord=stitch_signature(rec))

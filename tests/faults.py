@@ -9,7 +9,7 @@ that drive them. Never shipped.
 - `LUMINAGRID_TEST_HOLD_DIR`: phase holds. A test arms one phase (`arm`); the first process to get
   there writes `<phase>.reached` and waits until the test writes `<phase>.release`, so the test can
   stop Redis exactly then. Phases (`PHASES`), in a job's order: `publish` (the client, after 2
-  strips), `take` (a worker took a strip off the queue, not yet recorded as unacknowledged),
+  strips; `last-publish`, not in `PHASES`: before its last strip message), `take` (a worker took a strip off the queue, not yet recorded as unacknowledged),
   `run` (a strip computing), `store` (a strip about to store its result), `join` (about to join
   the chord), `stitch` (the stitch computing), `collect` (the client about to read the result).
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 from celery import current_task
-from celery.signals import after_task_publish
+from celery.signals import after_task_publish, before_task_publish
 from kombu.transport import redis as kombu_redis
 
 from luminagrid import canny, jobs
@@ -172,6 +172,18 @@ def _published(headers: dict[str, Any] | None = None, **_: Any) -> None:
     # The client, after its second strip message: the rest of the chord is still to come.
     if (headers or {}).get("task") == "luminagrid.strip" and (headers or {}).get("group_index") == 1:
         hold("publish", task=headers.get("id"))
+
+
+@before_task_publish.connect
+def _publishing(headers: dict[str, Any] | None = None, body: Any = None, **_: Any) -> None:
+    # The client, about to send its last strip message: every payload is in Redis already.
+    headers = headers or {}
+    try:
+        strips = body[0][0]["strips"]
+    except (TypeError, LookupError):
+        return
+    if headers.get("task") == "luminagrid.strip" and headers.get("group_index") == strips - 1:
+        hold("last-publish", task=headers.get("id"))
 
 
 _original_collect = jobs.Job._collect

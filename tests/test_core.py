@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from luminagrid import codec
-from luminagrid.canny import Pending, canny_reference, canny_strip, finish_seams
+from luminagrid.canny import Pending, Seams, canny_reference, canny_strip, finish_seams, set_edges
 from luminagrid.codec import Codec, CodecError
 from luminagrid.strips import plan_strips
 
@@ -21,10 +21,12 @@ def strip_parallel(gray: np.ndarray, count: int, low: float, high: float, seams:
     plan = plan_strips(height, count, 8)
     parts = [canny_strip(gray[s.top:s.bottom], s.halo_top, s.halo_bottom, low, high,
                          s.index > 0, s.index < len(plan) - 1) for s in plan]
-    packed = np.packbits(np.vstack([p.edges for p in parts]), axis=1)
+    packed = [np.packbits(p.edges, axis=1) for p in parts]
     if seams:
-        finish_seams(packed, width, [(s.row0, p.pending) for s, p in zip(plan, parts)])
-    return np.unpackbits(packed, axis=1, count=width).view(bool)
+        fixes = finish_seams(width, [Seams(s.row1 - s.row0, p.pending, p.edges[0], p.edges[-1]) for s, p in zip(plan, parts)])
+        for rows, at in zip(packed, fixes):
+            set_edges(rows, at, width)
+    return np.unpackbits(np.vstack(packed), axis=1, count=width).view(bool)
 
 
 @settings(max_examples=300, deadline=None)

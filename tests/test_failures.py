@@ -225,7 +225,7 @@ def random_bytes(d: Path) -> Path:
     ("make", "message"),
     [
         (truncated(".png"), "the PNG is damaged or truncated"),
-        (truncated(".jpg"), "the JPEG is truncated (Premature end of JPEG file)"),
+        (truncated(".jpg"), "the JPEG is damaged or truncated"),
         (random_bytes, "not a readable image"),
         (bomb, "its header declares more pixels than the limit of 250000000 (a decompression bomb"),
     ],

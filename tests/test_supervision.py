@@ -28,10 +28,10 @@ from conftest import CLI, REPO, synthetic, wait_for
 from outages import REDIS_ARGS, Outages
 
 import luminagrid
-from luminagrid import broker, jobs
+from luminagrid import broker, claims, jobs
 from luminagrid import record as records
 from luminagrid.app import app, use_broker
-from luminagrid.errors import JobCancelled
+from luminagrid.errors import JobCancelled, JobFailed
 from luminagrid.local import LocalCluster, LocalWorker, wait_for_workers
 from luminagrid.settings import ACTIVE_JOBS_KEY, LEASE_KEY, QUEUE, Settings
 
@@ -138,34 +138,59 @@ def test_redis_stopped_or_crashed_at_any_phase_of_a_job_changes_nothing_in_its_o
           f"Redis {how} for {DOWN_S[phase]:g} s: job exact, done {done['at'] - up_at:.1f} s after Redis was back")
 
 
-def test_a_submitter_sigkilled_while_publishing_leaves_a_job_the_cluster_finishes(
-    phased: tuple[LocalCluster, Outages], folder: Path, tmp_path: Path,
-) -> None:
-    """Killed after 2 of 8 strip messages: every payload is in Redis already, so the supervisor
-    publishes the rest once the job has said "publishing" for `supervisor.PUBLISH_STALE_S`."""
-    c, _ = phased
-    image = synthetic(310, 320, 200)
+def _submitter_killed_at(phase: str, c: LocalCluster, folder: Path, tmp_path: Path,
+                         image: np.ndarray) -> tuple[jobs.Job, float]:
+    """Run a submitter of `image` (8 strips) in a process of its own and SIGKILL it at `phase`."""
     np.save(tmp_path / "image.npy", image)
     code = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import faults, numpy, luminagrid; "
             f"luminagrid.submit(numpy.load({str(tmp_path / 'image.npy')!r}), strips=8, codec='lossless', low=30, high=90)")
     env = {**os.environ, "LUMINAGRID_BROKER_URL": c.url, "LUMINAGRID_TEST_HOLD_DIR": str(folder)}
-    faults.arm(folder, "publish")
+    faults.arm(folder, phase)
     submitter = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO)
     try:
-        held = wait_for(lambda: faults.reached(folder, "publish"), 60, "the submitter to publish 2 strips")
+        held = wait_for(lambda: faults.reached(folder, phase), 60, f"the submitter to reach {phase!r}")
     finally:
         submitter.kill()
         submitter.wait(30)
-    faults.release(folder, "publish")
-    killed_at = time.monotonic()
+    faults.release(folder, phase)
     job = jobs.Job.find(held["task"].rsplit(".strip", 1)[0])
     assert job.record.state == records.PUBLISHING
+    return job, time.monotonic()
+
+
+def test_a_submitter_sigkilled_after_its_last_payload_leaves_a_job_the_cluster_finishes(
+    phased: tuple[LocalCluster, Outages], folder: Path, tmp_path: Path,
+) -> None:
+    """Killed before its last strip message: every payload is in Redis, so the supervisor
+    publishes what is missing once the submitter's key has lapsed."""
+    c, _ = phased
+    image = synthetic(310, 320, 200)
+    job, killed_at = _submitter_killed_at("last-publish", c, folder, tmp_path, image)
     result = job.wait(120, forget=False)
     events = job.status().events
     job.forget()
-    print(f"\nsubmitter SIGKILLed after 2 of 8 strips: job done, exact, {time.monotonic() - killed_at:.1f} s later")
+    print(f"\nsubmitter SIGKILLed before its last strip message: job done, exact, {time.monotonic() - killed_at:.1f} s later")
     assert np.array_equal(result.edges, exact(image))
     assert any("its submitter stopped while publishing" in e for e in events), events
+
+
+def test_a_submitter_sigkilled_mid_read_fails_its_job_clearly_within_seconds(
+    phased: tuple[LocalCluster, Outages], folder: Path, tmp_path: Path,
+) -> None:
+    """Killed after 2 of 8 strips: the rest of the image never reached Redis. The job fails with
+    a message that says so, the strips it did send are skipped, their payloads freed."""
+    c, _ = phased
+    job, killed_at = _submitter_killed_at("publish", c, folder, tmp_path, synthetic(312, 320, 200))
+    with pytest.raises(JobFailed) as failure:
+        job.wait(60, forget=False)
+    took_s = time.monotonic() - killed_at
+    print(f"\nsubmitter SIGKILLed after 2 of 8 strips: job failed {took_s:.1f} s later")
+    assert "its submitter stopped after sending 2 of 8 strips" in str(failure.value)
+    assert "submit the image again" in str(failure.value)
+    status = job.status()
+    assert status.state == "failed" and "its submitter stopped" in (status.error or "")
+    assert not broker.client(c.url).exists(*(claims.key_for(job.id, "in", i) for i in range(8)))
+    job.forget()
 
 
 def test_a_job_cancelled_while_its_submitter_still_publishes_stays_cancelled(
@@ -523,3 +548,42 @@ def test_cancel_stops_a_detached_job_from_any_machine_and_refuses_what_it_cannot
     assert f"error: job {done_id} has already finished; nothing to cancel" in finished.stderr
     assert cli(["result", done_id], c).returncode == 0  # still collectable
     assert np.array_equal(cv2.imread(str(small.with_name(f"{small.stem}.edges.png")), cv2.IMREAD_UNCHANGED), exact(small_image))
+
+
+# --- small jobs beside big ones -----------------------------------------------------------------
+
+def test_a_small_job_submitted_behind_a_big_one_is_not_queued_behind_its_strips(
+    slow: tuple[LocalCluster, Path],
+) -> None:
+    """First in, first out, the 640x480 job would wait for all 40 strips of the 6 MP job (8 s
+    on these two workers); at its job size's priority it is taken as soon as a worker is free."""
+    c, _ = slow
+    big_image, small_image = synthetic(320, 2000, 3000), synthetic(321, 480, 640)
+    big = luminagrid.submit(big_image, strips=40, codec="lossless", low=30, high=90)
+    wait_for(lambda: big.status().strips_done >= 2, 60, "the big job to be under way")
+    small = luminagrid.submit(small_image, codec="lossless", low=30, high=90)
+    small_result = small.wait(60)
+    unfinished = 40 - big.status().strips_done
+    print(f"\nthe 640x480 job finished while the big job still had {unfinished} of 40 strips to do")
+    assert unfinished >= 20, unfinished
+    assert np.array_equal(small_result.edges, exact(small_image))
+    assert np.array_equal(big.wait(120).edges, exact(big_image))
+
+
+def test_strips_are_queued_at_their_job_sizes_priority(slow: tuple[LocalCluster, Path]) -> None:
+    """The priority lists kombu takes from lowest first, as `queues` reads them."""
+    from luminagrid import queues
+
+    assert [queues.priority_for(p) for p in (640 * 480, 4_000_000, 4_000_001, 33_177_600, 10**9)] == [0, 0, 3, 3, 9]
+    assert queues.lists_of(QUEUE) == [QUEUE, f"{QUEUE}\x06\x163", f"{QUEUE}\x06\x166", f"{QUEUE}\x06\x169"]
+    c, _ = slow
+    client = broker.client(c.url)
+    app.control.cancel_consumer(QUEUE, reply=True)
+    try:
+        job = luminagrid.submit(synthetic(322, 2000, 2100), strips=3, codec="lossless", low=30, high=90)
+        wait_for(lambda: queues.queued_count(client, QUEUE) == 3, 30, "the 3 strips to be queued")
+        assert client.llen(QUEUE) == 0 and client.llen(f"{QUEUE}\x06\x163") == 3
+        assert queues.find_queued(client, QUEUE, set(job.record.task_ids)) == {job.record.strip_task_id(i) for i in range(3)}
+    finally:
+        app.control.add_consumer(QUEUE, reply=True)
+    job.wait(60)

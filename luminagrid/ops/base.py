@@ -4,7 +4,8 @@ An operation is a small object (one module under `luminagrid/ops/`) that says:
 - `params`: typed, bounded parameters (`Param`), filled with defaults and validated by `values`;
 - `halo_rows(values)`: the rows beyond its own that a strip needs for an exact result;
 - `colour`: whether it computes on BGR when the input has colour (else on 8-bit gray);
-- `global_pass`: whether the stitch does more than put the strips' rows together (Canny does).
+- `stitch_fields`: the fields of strip results the stitch reads (Canny's seam pass needs its
+  pending pixels and the rows beside each seam); any other claimed field it only checks.
 
 The default strip path suits any *local* operation, whose output pixel depends only on input
 pixels within `halo_rows` of it: run `apply` on the strip plus its halo, crop the halo, ship the
@@ -72,7 +73,8 @@ class Operation:
     summary: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
     colour: ClassVar[bool] = True
-    global_pass: ClassVar[bool] = False
+    #: fields of strip results the stitch fetches; the rest it only checks are there (claims)
+    stitch_fields: ClassVar[tuple[str, ...]] = ()
     #: output file name: `<stem>.<suffix>.png`
     suffix: ClassVar[str] = ""
     #: pixels per strip when the user does not choose a count (halo work vs load balance)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,12 @@ class Canny(Operation):
         Param("high", float, 200.0, 0, canny.MAX_THRESHOLD, "hysteresis high threshold (>= low)"),
     )
     colour = False
-    global_pass = True  # hysteresis links pixels across any distance
     suffix = "edges"
     strip_pixels = 1_000_000  # cheap per pixel: small strips keep latency low
-    fields = ("edges", "pending")
+    fields = ("edges", "pending", "first", "last", "fixes")
+    # Hysteresis links pixels across any distance: the seam pass needs each strip's pending pixels
+    # and its edge rows beside the seams, never its whole edge map.
+    stitch_fields = ("pending", "first", "last")
 
     def check(self, values: Values) -> None:
         if values["low"] > values["high"]:
@@ -45,21 +48,50 @@ class Canny(Operation):
         )
 
     def pack(self, result: canny.StripEdges) -> dict[str, Any]:
-        return {"edges": codec.pack_bits(result.edges), "pending": codec.pack_pending(result.pending)}
+        edges = result.edges
+        return {
+            "edges": codec.pack_bits(edges), "pending": codec.pack_pending(result.pending),
+            "first": np.packbits(edges[0]).tobytes(), "last": np.packbits(edges[-1]).tobytes(),
+        }
 
     def stitch(self, parts: list[dict[str, Any]], width: int, channels: int) -> dict[str, Any]:
-        # Strips' packed rows concatenate to the whole packed map (np.packbits pads each row).
-        packed = np.concatenate([codec.unpack_rows(p["edges"], p["row1"] - p["row0"], width) for p in parts])
-        pending = [codec.unpack_pending(p["pending"], p["row1"] - p["row0"], width) for p in parts]
-        canny.finish_seams(packed, width, [(p["row0"], q) for p, q in zip(parts, pending)])
-        return {"edges": codec.pack_rows(packed)}
+        """The seam pass: which pending pixels of each strip become edges. The strips' edge maps
+        are handed on untouched (bytes or claims); whoever assembles the output sets the fixes."""
+        def row(data: Any) -> np.ndarray:
+            if not isinstance(data, bytes) or len(data) != (width + 7) // 8:
+                raise codec.CodecError(f"a seam row of {len(data) if isinstance(data, bytes) else data!r} bytes "
+                                       f"is not {(width + 7) // 8} bytes")
+            return np.unpackbits(np.frombuffer(data, np.uint8), count=width).view(bool)
+
+        seams = [
+            canny.Seams(p["row1"] - p["row0"], codec.unpack_pending(p["pending"], p["row1"] - p["row0"], width),
+                        row(p["first"]), row(p["last"]))
+            for p in parts
+        ]
+        fixes = canny.finish_seams(width, seams)
+        return {"edges": [p["edges"] for p in parts], "rows": [s.rows for s in seams],
+                "fixes": [codec.pack_indices(at) for at in fixes]}
+
+    def packed_rows(self, stitched: dict[str, Any], width: int) -> Iterator[np.ndarray]:
+        """The output's packed rows (np.packbits layout), strip by strip, fixes set: what a 1-bit
+        PNG holds, without ever the whole image in memory."""
+        rows, fixes = stitched["rows"], stitched["fixes"]
+        if not (len(rows) == len(fixes) == len(stitched["edges"])):
+            raise codec.CodecError(f"{len(stitched['edges'])} strips of edges for {len(rows)} strips")
+        for data, count, fix in zip(stitched["edges"], rows, fixes):
+            packed = codec.unpack_rows(data() if callable(data) else data, int(count), width)
+            yield canny.set_edges(packed, codec.unpack_indices(fix, int(count) * width), width)
 
     def collect(self, stitched: dict[str, Any], height: int, width: int, channels: int) -> np.ndarray:
-        # One lookup from packed bytes to 0/255 bytes: faster than unpackbits, then * 255.
-        packed = codec.unpack_rows(stitched["edges"], height, width)
-        edges = _BYTE_TO_PIXELS[packed].reshape(height, -1)
-        if edges.shape[1] != width:  # rows are padded to whole bytes
-            edges = np.ascontiguousarray(edges[:, :width])
+        rows = [int(r) for r in stitched["rows"]]
+        if sum(rows) != height:
+            raise codec.CodecError(f"strip outputs of {rows} rows do not make {height} rows")
+        edges = np.empty((height, width), np.uint8)
+        top = 0
+        for packed in self.packed_rows(stitched, width):
+            # One lookup from packed bytes to 0/255 bytes: faster than unpackbits, then * 255.
+            edges[top:top + packed.shape[0]] = _BYTE_TO_PIXELS[packed].reshape(packed.shape[0], -1)[:, :width]
+            top += packed.shape[0]
         return edges
 
 

@@ -1,0 +1,176 @@
+"""Sending a job: its record, then every strip as soon as its rows are read, then "running".
+
+    job = publish.send(source, params, output, settings, stages)
+
+The rows come from a `source.Source` (a file streamed by libvips, or an array), read ahead in a
+thread of their own, so decoding overlaps converting, encoding and publishing. Each strip is
+converted (`Operation.prepare`: gray or BGR; pixel-local, so per strip is exact), encoded, stored
+under its claim key, then published as a chord header task: the strips' group is the job's
+chord, whose size is set just before the last strip goes out (as Celery's own chord does).
+Only a strip and its halos, and the payloads of the last `DURABLE_S` seconds, are held.
+
+An error while reading (a truncated file found mid-stream) or publishing cancels what went out.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+
+from luminagrid import claims, codec, messages, strips
+from luminagrid import record as records
+from luminagrid.app import app
+from luminagrid.jobs import REDIS_ERRORS, Job, Params, redis_run_id
+from luminagrid.record import Record
+from luminagrid.settings import PUBLISHER_KEY, Settings
+from luminagrid.source import Source
+from luminagrid.stages import Stages
+from luminagrid.strips import Strip
+from luminagrid.tasks import strip_signature
+
+#: Strips read ahead of the one being sent (each is a strip plus halos of decoded rows).
+READ_AHEAD = 2
+#: How often a long publish checks that Redis did not restart (and forgets payloads on disk), in s.
+WATCH_EVERY_S = 0.5
+#: How often the publisher renews `PUBLISHER_KEY` (which lives `liveness_ttl_s`), in seconds.
+PUBLISHER_BEAT_S = 0.5
+
+
+class _Publisher:
+    """Says "this job's submitter is alive and publishing" in Redis until stopped.
+
+    A thread of its own renews the key, so a slow read (a huge strip, a slow disk) does not
+    look like a dead submitter; a Redis outage only pauses it.
+    """
+
+    def __init__(self, job_id: str, ttl_s: float) -> None:
+        self.key, self.ttl_ms = PUBLISHER_KEY.format(job=job_id), max(1000, int(ttl_s * 1000))
+        self.db = records.fast_client()
+        self.stop = threading.Event()
+        self.db.set(self.key, "1", px=self.ttl_ms)
+        self.thread = threading.Thread(target=self._beat, name="luminagrid-publisher", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.stop.wait(PUBLISHER_BEAT_S):
+            try:
+                self.db.set(self.key, "1", px=self.ttl_ms)
+            except REDIS_ERRORS:
+                pass  # Redis is away: the supervisor waits for us a while once it is back
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        try:
+            self.db.delete(self.key)
+        except REDIS_ERRORS:
+            pass  # it expires
+
+
+def _read_ahead(src: Source, plan: list[Strip], stages: Stages) -> Iterator[tuple[Strip, np.ndarray]]:
+    """`src.bands(plan)`, decoded in a thread of its own, at most `READ_AHEAD` strips ahead."""
+    handoff: queue.Queue[object] = queue.Queue(maxsize=READ_AHEAD)
+    stop = threading.Event()
+    done = object()
+
+    def read() -> None:
+        try:
+            bands = src.bands(plan)
+            while not stop.is_set():
+                started = time.perf_counter()
+                item = next(bands, done)
+                stages.add("read", time.perf_counter() - started)
+                if item is not done:
+                    stages.log("read", item[0].row1)  # type: ignore[index]
+                while not stop.is_set():
+                    try:
+                        handoff.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if item is done:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            handoff.put(exc)
+
+    thread = threading.Thread(target=read, name="luminagrid-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def plan_for(src: Source, params: Params) -> tuple[messages.JobSpec, list[Strip]]:
+    """The job's message and strip plan, from the image's header alone."""
+    op = params.operation
+    count = params.strips or strips.default_strip_count(src.height, src.width, op.strip_pixels)
+    plan = strips.plan_strips(src.height, count, strips.halo_for(op.halo_rows(params.values)))
+    spec = messages.JobSpec(
+        id=str(uuid.uuid4()), op=op.name, params=dict(params.values), width=src.width, height=src.height,
+        channels=3 if op.colour and src.channels >= 3 else 1, strips=len(plan), codec=params.codec,
+        quality=params.quality,
+    )
+    return spec, plan
+
+
+def send(src: Source, params: Params, output: str | None, settings: Settings, stages: Stages | None = None) -> Job:
+    """Publish a job for `src` with validated `params`; return it as soon as the last strip is out.
+
+    Raises `InputError` if reading fails mid-stream (what went out is cancelled first) and
+    `BrokerUnreachable`-worthy Redis errors as they come (the caller maps them).
+    """
+    spec, plan = plan_for(src, params)
+    rec = Record(spec=spec, output=output, submitted_at=time.time())
+    job = Job(record=rec, stages=stages or Stages(), ttl_s=settings.result_ttl_s)
+    op = spec.operation
+    db = records.client()
+    job.run_id = redis_run_id(db)
+    publisher = _Publisher(spec.id, settings.liveness_ttl_s)
+    rec.save(settings.result_ttl_s)  # "publishing": if we die now, the supervisor sees PUBLISHER_KEY lapse
+    next_watch = time.monotonic() + WATCH_EVERY_S
+    try:
+        with app.producer_or_acquire() as producer:
+            for s, rows in _read_ahead(src, plan, job.stages):
+                with job.stages.timed("convert"):
+                    pixels = op.prepare(rows)
+                with job.stages.timed("encode"):
+                    data = codec.encode_strip(pixels, spec.codec, spec.quality)
+                key = claims.key_for(spec.id, "in", s.index)
+                with job.stages.timed("publish"):
+                    db.set(key, data, ex=settings.result_ttl_s)  # before the message that names it
+                    if s.index == len(plan) - 1:
+                        app.backend.set_chord_size(rec.group_id, len(plan))
+                    payload = data if len(data) <= settings.inline_max_bytes else {"claim": key}
+                    strip_signature(rec, s, payload, in_chord=True).apply_async(producer=producer)
+                job.keep(key, data)
+                job.stages.mark("first strip published")
+                job.stages.log("published", s.index + 1)
+                if time.monotonic() >= next_watch:  # Redis restarted meanwhile? (and forget what is on disk)
+                    job._watch_redis(db, lambda _text: None)
+                    next_watch = time.monotonic() + WATCH_EVERY_S
+        job.stages.mark("last strip published")
+        job._watch_redis(db, lambda _text: None)  # did Redis restart while we published?
+        job.record = rec.with_state(records.RUNNING)
+        records.mark_running(rec, settings.result_ttl_s)  # not if it was cancelled meanwhile
+    except (*REDIS_ERRORS, Exception, KeyboardInterrupt):
+        try:
+            job.cancel(fast=True)  # what went out must not run on, unwanted
+        except REDIS_ERRORS:
+            pass  # Redis is away: the supervisor ends the job once it is back and we are gone
+        raise
+    finally:
+        publisher.close()
+    return job

@@ -1,0 +1,160 @@
+"""Streaming input: every format's strips, as read a band at a time, equal `cv2.imread`'s rows;
+where streaming cannot be exact the image is decoded whole, and says why; a file truncated
+mid-stream fails its job, publishes nothing more and leaves no output; memory follows the
+strips, not the image."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import pyvips
+from conftest import CLI, REPO, synthetic
+
+from luminagrid import broker, source, strips
+from luminagrid.errors import InputError
+from luminagrid.local import LocalCluster
+from luminagrid.settings import CANCELLED_JOBS_KEY
+
+READ = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+
+
+def write_cv(name: str, image: np.ndarray, *flags: int):  # noqa: ANN201
+    def make(folder: Path) -> Path:
+        path = folder / name
+        assert cv2.imwrite(str(path), image, list(flags))
+        return path
+    return make
+
+
+def write_vips(name: str, image: np.ndarray, interpretation: str, **options: object):  # noqa: ANN201
+    def make(folder: Path) -> Path:
+        path = folder / name
+        pyvips.Image.new_from_array(image).copy(interpretation=interpretation).write_to_file(str(path), **options)
+        return path
+    return make
+
+
+GRAY, BGR, BGRA = synthetic(1, 301, 257), synthetic(2, 301, 257, channels=3), synthetic(3, 301, 257, channels=4)
+GRAY16, BGR16 = synthetic(4, 301, 257, depth=np.uint16), synthetic(5, 301, 257, channels=3, depth=np.uint16)
+
+FORMATS = {
+    "png 8-bit gray": (write_cv("g8.png", GRAY), True),
+    "png 8-bit BGR": (write_cv("c8.png", BGR), True),
+    "png 8-bit BGRA": (write_cv("a8.png", BGRA), True),
+    "png 16-bit gray": (write_cv("g16.png", GRAY16), True),
+    "png 16-bit BGR": (write_cv("c16.png", BGR16), True),
+    "png palette": (write_vips("pal.png", BGR[:, :, ::-1].copy(), "srgb", palette=True), True),
+    "png gray + alpha": (write_vips("ga.png", np.dstack([GRAY, GRAY // 2]), "b-w"), True),
+    "jpeg gray q90": (write_cv("g.jpg", GRAY, cv2.IMWRITE_JPEG_QUALITY, 90), True),
+    "jpeg colour q95": (write_cv("c.jpg", BGR, cv2.IMWRITE_JPEG_QUALITY, 95), True),
+    "jpeg colour q75": (write_cv("c75.jpg", BGR, cv2.IMWRITE_JPEG_QUALITY, 75), True),
+    "tiff 8-bit BGR": (write_cv("c8.tif", BGR), True),
+    "tiff 16-bit BGR": (write_cv("c16.tif", BGR16), True),
+    "tiff 8-bit gray": (write_cv("g8.tif", GRAY), True),
+    "webp": (write_cv("c.webp", BGR), False),
+    "bmp colour": (write_cv("c.bmp", BGR), False),
+    "bmp gray": (write_cv("g.bmp", GRAY), False),
+    "png interlaced": (write_vips("inter.png", BGR[:, :, ::-1].copy(), "srgb", interlace=True), False),
+    "jpeg EXIF orientation 6": (write_vips("rot.jpg", BGR[:, :, ::-1].copy(), "srgb"), False),
+}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_streamed_strips_equal_what_opencv_decodes(name: str, tmp_path: Path) -> None:
+    make, streamed = FORMATS[name]
+    path = make(tmp_path)
+    if name.startswith("jpeg EXIF"):  # a JPEG whose EXIF says "rotate 90": OpenCV applies it
+        rotated = pyvips.Image.new_from_file(str(path)).copy()
+        rotated.set_type(pyvips.GValue.gint_type, "orientation", 6)
+        rotated.write_to_file(str(path))
+    reference = cv2.imread(str(path), READ)
+    src = source.open_source(path, 10**9)
+    assert src.streamed is streamed, src.whole_because
+    if not streamed:
+        assert src.whole_because  # and `submit --verbose` says so
+    assert (src.height, src.width) == reference.shape[:2]
+    plan = strips.plan_strips(src.height, 7, 16)
+    got = list(src.bands(plan))
+    assert [s for s, _ in got] == plan
+    for s, rows in got:
+        assert rows.dtype == reference.dtype and np.array_equal(rows, reference[s.top:s.bottom]), (name, s)
+
+
+def test_a_header_over_the_pixel_limit_is_refused_before_decoding(tmp_path: Path) -> None:
+    path = write_cv("big.png", GRAY)(tmp_path)
+    with pytest.raises(InputError, match="its header declares more pixels than the limit of 1000"):
+        source.open_source(path, 1000)
+
+
+def truncated_png(folder: Path, height: int = 2400, width: int = 400, keep: float = 0.5) -> Path:
+    path = folder / "cut.png"
+    ok, buf = cv2.imencode(".png", synthetic(9, height, width))
+    path.write_bytes(buf.tobytes()[: int(buf.size * keep)])
+    return path
+
+
+def test_a_file_truncated_mid_stream_fails_while_being_read(tmp_path: Path) -> None:
+    path = truncated_png(tmp_path)
+    src = source.open_source(path, 10**9)
+    assert src.streamed
+    plan = strips.plan_strips(src.height, 30, 8)
+    seen = []
+    with pytest.raises(InputError, match=r"the PNG is damaged or truncated: it could not be decoded past row \d+ of 2400"):
+        for s, _ in src.bands(plan):
+            seen.append(s.index)
+    assert 0 < len(seen) < len(plan)  # it failed part-way, after strips that were fine
+
+
+def test_submitting_a_file_truncated_mid_stream_cancels_what_went_out_and_leaves_no_output(tmp_path: Path) -> None:
+    path = truncated_png(tmp_path)
+    with LocalCluster(workers=1) as c:
+        env = {**os.environ, "LUMINAGRID_BROKER_URL": c.url}
+        proc = subprocess.run([*CLI, "submit", str(path), "--strips", "30"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        r = broker.client(c.url)
+        cancelled = [j.decode() for j in r.zrange(CANCELLED_JOBS_KEY, 0, -1)]
+        records = {k.decode(): json.loads(r.get(k)) for k in r.keys("luminagrid:job:*")}
+    assert proc.returncode == 1
+    assert f"error: {path}: the PNG is damaged or truncated: it could not be decoded past row" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.png"]  # no output, no temp file
+    # Strips had gone out before the damage was found: the job was cancelled, not left to run.
+    assert [r["state"] for r in records.values()] == ["cancelled"] or cancelled, records
+
+
+PEAK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from luminagrid import source, strips
+src = source.open_source(Path(sys.argv[2]), 10**10)
+status = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+before = status()
+plan = strips.plan_strips(src.height, int(sys.argv[3]), 8)
+for s, rows in src.bands(plan):
+    pass
+print(before, status(), src.streamed)
+"""
+
+
+def test_reading_holds_a_strip_at_a_time_not_the_image(tmp_path: Path) -> None:
+    """Peak memory while streaming a gray PNG 8000 wide follows the strips (1 MB each), not the
+    image: a 4x taller image costs no more."""
+    grew = {}
+    for rows in (3000, 12000):
+        path = tmp_path / f"tall{rows}.png"
+        cv2.imwrite(str(path), np.tile(synthetic(10, 500, 8000), (rows // 500, 1)))
+        out = subprocess.run([sys.executable, "-c", PEAK, str(REPO), str(path), str(rows // 125)], capture_output=True,
+                             text=True, timeout=120, check=True).stdout.split()
+        assert out[2] == "True"
+        grew[rows] = int(out[1]) - int(out[0])
+    print(f"\nstreaming 8000x3000 and 8000x12000 gray PNGs (24 and 96 MB decoded) in 1 MB strips: peak memory "
+          f"grew {grew[3000] >> 20} and {grew[12000] >> 20} MB")
+    assert grew[12000] < 96_000_000 / 3 and grew[12000] - grew[3000] < 8 << 20
