@@ -172,34 +172,44 @@ def _cancel_on_interrupt(job: jobs.Job, source: str) -> None:
         err.print(f"could not cancel job {job.id} ({exc}); cancel it with: python cli.py cancel {job.id}", markup=False)
 
 
+def _say_cancelled(exc: KeyboardInterrupt, source: str) -> None:
+    """What an interrupted publish did with the job it was sending (`publish.Interrupted`)."""
+    job_id, cancelled = getattr(exc, "job_id", None), getattr(exc, "cancelled", False)
+    if job_id and cancelled:
+        err.print(f"cancelled job {job_id} ({source}): its strips are skipped and its data deleted", markup=False)
+    elif job_id:
+        err.print(f"could not cancel job {job_id} (Redis is unreachable); the cluster fails it once its "
+                  "submitter's key lapses", markup=False)
+
+
 def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str) -> jobs.JobResult:
     """Wait with a progress bar (on a terminal), write `out` atomically, then drop the job's data.
 
     Interrupted, it cancels the job (its data is deleted; nothing runs on)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+    try:  # from the first line: Ctrl-C during an import here must cancel the job too
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
 
-    progress = Progress(
-        TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("strips"), TimeElapsedColumn(),
-        console=err, transient=True, disable=not err.is_terminal,
-    )
-    with progress:
-        bar = progress.add_task("strips", total=job.strip_count)
-        try:
+        progress = Progress(
+            TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("strips"), TimeElapsedColumn(),
+            console=err, transient=True, disable=not err.is_terminal,
+        )
+        with progress:
+            bar = progress.add_task("strips", total=job.strip_count)
             result = job.wait(
                 timeout_s,
                 on_progress=lambda done, _total: progress.update(bar, completed=done),
                 on_notice=lambda text: err.print(f"note: {text}", markup=False),
                 forget=False, fetch=False,  # `result.write` streams a Canny PNG from Redis
             )
-        except JobCancelled:
-            raise  # its record stays, so `status` can say so
-        except JobFailed:
-            job.forget_quietly()  # its payloads need not wait for the TTL; a timeout stays collectable
-            raise
-        except KeyboardInterrupt:
-            _cancel_on_interrupt(job, label)
-            raise
-    result.write(out)  # streams where it can (Canny to PNG): the output is never whole in memory
+        result.write(out)  # streams where it can (Canny to PNG): the output is never whole in memory
+    except JobCancelled:
+        raise  # its record stays, so `status` can say so
+    except JobFailed:
+        job.forget_quietly()  # its payloads need not wait for the TTL; a timeout stays collectable
+        raise
+    except KeyboardInterrupt:
+        _cancel_on_interrupt(job, label)  # (a half-written output was removed: writes are atomic)
+        raise
     job.forget_quietly()  # written: Redis away now only delays the clean-up (the data expires)
     return result
 
@@ -345,7 +355,11 @@ def submit(
         with timing.timed("read"):  # the header (or, where streaming cannot be exact, the whole image)
             src = source.open_source(image, settings.max_pixels)
         with _broker(settings, embedded, max(1, workers)) as note:
-            job = jobs.submit_source(src, params, output=str(target.resolve()), settings=settings, stages=timing)
+            try:
+                job = jobs.submit_source(src, params, output=str(target.resolve()), settings=settings, stages=timing)
+            except KeyboardInterrupt as exc:  # while the image was still being read and sent
+                _say_cancelled(exc, image.name)
+                raise
             del src  # its rows are sent; do not hold a whole-decoded image while waiting
             result = _wait_and_write(job, target, timeout, image.name)
         wall_s = time.time() - _process_started()  # from process start to now, embedded cluster stopped

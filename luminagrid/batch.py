@@ -186,6 +186,10 @@ def _submit(item: Item, params: jobs.Params, settings: Settings) -> jobs.Job | N
     except LuminagridError as exc:
         item.fail(str(exc))
         return None
+    except KeyboardInterrupt as exc:  # while sending it: `publish.Interrupted` cancelled what went out
+        if getattr(exc, "cancelled", False):
+            item.job_id, item.state = exc.job_id, "cancelled"  # type: ignore[attr-defined]
+        raise
     item.job_id = job.id
     return job
 

@@ -64,12 +64,23 @@ class _Publisher:
                 pass  # Redis is away: the supervisor waits for us a while once it is back
 
     def close(self) -> None:
+        if self.stop.is_set():
+            return
         self.stop.set()
         self.thread.join(5)
         try:
             self.db.delete(self.key)
         except REDIS_ERRORS:
             pass  # it expires
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) while publishing: what went out of job `job_id` was cancelled (if Redis
+    could be reached: `cancelled`)."""
+
+    def __init__(self, job_id: str, cancelled: bool) -> None:
+        super().__init__(job_id)
+        self.job_id, self.cancelled = job_id, cancelled
 
 
 def _read_ahead(src: Source, plan: list[Strip], stages: Stages) -> Iterator[tuple[Strip, np.ndarray]]:
@@ -165,12 +176,17 @@ def send(src: Source, params: Params, output: str | None, settings: Settings, st
         job._watch_redis(db, lambda _text: None)  # did Redis restart while we published?
         job.record = rec.with_state(records.RUNNING)
         records.mark_running(rec, settings.result_ttl_s)  # not if it was cancelled meanwhile
-    except (*REDIS_ERRORS, Exception, KeyboardInterrupt):
+        publisher.close()  # in here: Ctrl-C while it stops cancels the job too
+    except (*REDIS_ERRORS, Exception, KeyboardInterrupt) as exc:
+        cancelled = False
         try:
             job.cancel(fast=True)  # what went out must not run on, unwanted
+            cancelled = True
         except REDIS_ERRORS:
             pass  # Redis is away: the supervisor ends the job once it is back and we are gone
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
+            raise Interrupted(spec.id, cancelled) from None
         raise
     finally:
-        publisher.close()
+        publisher.close()  # (again: idempotent)
     return job

@@ -193,6 +193,35 @@ def test_a_submitter_sigkilled_mid_read_fails_its_job_clearly_within_seconds(
     job.forget()
 
 
+def test_ctrl_c_while_the_cli_still_reads_and_sends_the_image_cancels_what_went_out(
+    phased: tuple[LocalCluster, Outages], folder: Path, tmp_path: Path,
+) -> None:
+    c, _ = phased
+    path = tmp_path / "photo.png"
+    cv2.imwrite(str(path), synthetic(313, 320, 200))
+    code = (f"import runpy, sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import faults; "
+            f"sys.argv = ['cli.py', 'submit', {str(path)!r}, '--strips', '8']; "
+            f"runpy.run_path({str(REPO / 'cli.py')!r}, run_name='__main__')")
+    env = {**os.environ, "LUMINAGRID_BROKER_URL": c.url, "LUMINAGRID_TEST_HOLD_DIR": str(folder)}
+    faults.arm(folder, "publish")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        held = wait_for(lambda: faults.reached(folder, "publish"), 60, "the submitter to publish 2 strips")
+        proc.send_signal(signal.SIGINT)  # while 6 strips are still to be read and sent
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(30)
+        faults.release(folder, "publish")
+    job_id = held["task"].rsplit(".strip", 1)[0]
+    assert proc.returncode == 130, stderr
+    assert f"cancelled job {job_id} (photo.png): its strips are skipped and its data deleted" in stderr
+    assert json.loads(broker.client(c.url).get(records.key(job_id)))["state"] == records.CANCELLED
+    wait_for(lambda: not leftovers(c, job_id), 30, "the cancelled job's data to be deleted")
+    assert not path.with_name("photo.edges.png").exists()
+
+
 def test_a_job_cancelled_while_its_submitter_still_publishes_stays_cancelled(
     phased: tuple[LocalCluster, Outages], folder: Path,
 ) -> None:
