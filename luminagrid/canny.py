@@ -12,9 +12,10 @@ pixels links it to a strong one, however far away. So:
    labelling.
 2. On the stitcher: a pending component that touches an edge pixel across a seam (directly, or
    through other pending components) becomes an edge. Everything else pending is dropped. The
-   stitcher sees only the strips' pending pixels and the edge rows beside each seam (a
-   union-find over the strips' pending components), so its cost follows the seams, not the image
-   size; it says which pending pixels to set, and whoever assembles the output sets them.
+   stitcher sees only the pending pixels *on* each strip's first and last row and the edge rows
+   beside each seam (a union-find over the strips' pending components), so its cost and memory
+   follow the seams, not the image; it says which components become edges, and whoever
+   assembles the output sets their pixels, a strip at a time.
 
 The result is pixel-identical to `cv2.Canny(gray, low, high)` (L1 gradient, aperture 3), with
 thresholds rounded down to whole numbers as OpenCV itself applies them (`whole_thresholds`).
@@ -119,6 +120,10 @@ def _hysteresis(
     return StripEdges(edges.reshape(rows, width), Pending(at[pending].astype(np.int32), label[pending]))
 
 
+def _unpacked(packed: np.ndarray, width: int) -> np.ndarray:
+    return np.unpackbits(packed, count=width).view(bool)
+
+
 def _touching(row: np.ndarray) -> np.ndarray:
     """Pixels of a row 8-adjacent (across a seam) to a set pixel of `row`: its 1-pixel dilation."""
     near = row.copy()
@@ -129,7 +134,7 @@ def _touching(row: np.ndarray) -> np.ndarray:
 
 def _components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Connected components of `count` nodes joined by edges a[i]-b[i]: each node's smallest member."""
-    root = np.arange(count)
+    root = np.arange(count, dtype=np.int32)  # int32 throughout: this is the seam pass's peak memory
     while True:
         ra, rb = root[a], root[b]
         if np.array_equal(ra, rb):
@@ -142,19 +147,32 @@ def _components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             root = jumped
 
 
+def on_seam_rows(pending: Pending, rows: int, width: int) -> Pending:
+    """The pending pixels on a strip's first and last own row: all the seam pass reads."""
+    near = (pending.at < width) | (pending.at >= (rows - 1) * width)
+    return Pending(pending.at[near], pending.label[near])
+
+
+def pixels_of(pending: Pending, labels: np.ndarray) -> np.ndarray:
+    """Flat indices of the pending pixels whose component is among `labels` (ascending)."""
+    return pending.at[np.isin(pending.label, labels)]
+
+
 class Seams(NamedTuple):
-    """What the seam pass needs of one strip: its own rows, pending pixels, and its first and last
-    own row of edges ((width,) bool each)."""
+    """What the seam pass needs of one strip: its own rows, its pending pixels on its first and
+    last row (`on_seam_rows`; all of them also works), and its first and last own row of edges
+    ((width,) bool each)."""
 
     rows: int
     pending: Pending
+    #: the first and last own row of edges, packed (np.packbits: ceil(width/8) uint8 each)
     first: np.ndarray
     last: np.ndarray
 
 
 def finish_seams(width: int, parts: list[Seams]) -> list[np.ndarray]:
-    """Resolve hysteresis across seams: per strip (top to bottom), the flat indices (into its own
-    rows) of the pending pixels that become edges.
+    """Resolve hysteresis across seams: per strip (top to bottom), the labels (int32, ascending)
+    of its pending components that become edges (`pixels_of` gives their pixels).
 
     A pending component becomes an edge when it touches an edge across a seam, directly or
     through other pending components. Only pending pixels and the rows beside each seam are
@@ -166,7 +184,7 @@ def finish_seams(width: int, parts: list[Seams]) -> list[np.ndarray]:
     nodes, total = [], 0  # each strip's pending components get global node ids
     for p in parts:
         uniq, inverse = np.unique(p.pending.label, return_inverse=True)
-        nodes.append(total + inverse.reshape(-1))
+        nodes.append((total + inverse.reshape(-1)).astype(np.int32))
         total += uniq.size
     linked = np.zeros(total, bool)
     pairs_a, pairs_b = [], []
@@ -179,11 +197,11 @@ def finish_seams(width: int, parts: list[Seams]) -> list[np.ndarray]:
         cut = np.searchsorted(below.pending.at, width)
         xb, nb = below.pending.at[:cut], nodes[k][:cut]
         if xa.size:
-            linked[na[_touching(below.first)[xa]]] = True
+            linked[na[_touching(_unpacked(below.first, width))[xa]]] = True
         if xb.size:
-            linked[nb[_touching(above.last)[xb]]] = True
+            linked[nb[_touching(_unpacked(above.last, width))[xb]]] = True
         if xa.size and xb.size:  # pending touching pending across the seam: one component
-            node_at = np.full(width + 2, -1)
+            node_at = np.full(width + 2, -1, np.int32)
             node_at[xb + 1] = nb
             for dx in (0, 1, 2):
                 other = node_at[xa + dx]
@@ -194,7 +212,7 @@ def finish_seams(width: int, parts: list[Seams]) -> list[np.ndarray]:
         linked_root = np.zeros(total, bool)
         linked_root[root[linked]] = True
         linked = linked_root[root]
-    return [p.pending.at[linked[node]] for p, node in zip(parts, nodes)]
+    return [np.unique(p.pending.label[linked[node]]).astype(np.int32) for p, node in zip(parts, nodes)]
 
 
 def set_edges(packed: np.ndarray, at: np.ndarray, width: int) -> np.ndarray:

@@ -40,13 +40,24 @@ def is_claim(value: Any) -> bool:
     return isinstance(value, dict) and "claim" in value
 
 
-def offload_many(items: Iterable[tuple[bytes, str]], settings: Settings) -> list[bytes | dict[str, str]]:
-    """Each byte string itself if small, else stored under its key (one round trip for all) and
-    replaced by a claim."""
+#: What a job's strip results may carry inline, in all, beside what the seam pass reads: the
+#: chord join and the stitch hold every strip's result at once (1000 strips of 100 KB inline
+#: edges made both pool processes of a gigapixel job peak 400 MB above their idle size).
+JOB_INLINE_BYTES = 4 * 1024 * 1024
+
+
+def inline_limit(settings: Settings, strips: int) -> int:
+    """Largest byte field a strip's result of a `strips`-strip job carries inline."""
+    return min(settings.inline_max_bytes, JOB_INLINE_BYTES // max(1, strips))
+
+
+def offload_many(items: Iterable[tuple[bytes, str, int]], settings: Settings) -> list[bytes | dict[str, str]]:
+    """Each byte string itself if at most its limit, else stored under its key (one round trip
+    for all) and replaced by a claim. Items are (bytes, key, limit in bytes)."""
     out: list[bytes | dict[str, str]] = []
     with app.backend.client.pipeline(transaction=False) as pipe:
-        for data, key in items:
-            if len(data) <= settings.inline_max_bytes:
+        for data, key, limit in items:
+            if len(data) <= limit:
                 out.append(data)
             else:
                 pipe.set(key, data, ex=settings.result_ttl_s)
@@ -55,10 +66,13 @@ def offload_many(items: Iterable[tuple[bytes, str]], settings: Settings) -> list
     return out
 
 
-def offload_fields(fields: dict[str, Any], key_of: Callable[[str], str], settings: Settings) -> dict[str, Any]:
-    """A task result with its large byte fields stored as claims (`key_of(field)` names the key)."""
+def offload_fields(fields: dict[str, Any], key_of: Callable[[str], str], settings: Settings,
+                   limit_of: Callable[[str], int] | None = None) -> dict[str, Any]:
+    """A task result with its large byte fields stored as claims (`key_of(field)` names the key;
+    `limit_of(field)` the largest inline size, else `settings.inline_max_bytes`)."""
     names = [k for k, v in fields.items() if isinstance(v, bytes)]
-    stored = offload_many(((fields[k], key_of(k)) for k in names), settings)
+    limit = limit_of or (lambda _field: settings.inline_max_bytes)
+    stored = offload_many(((fields[k], key_of(k), limit(k)) for k in names), settings)
     return {**fields, **dict(zip(names, stored))}
 
 

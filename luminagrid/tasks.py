@@ -105,7 +105,12 @@ def _compute(task: Task, spec: messages.JobSpec, s: strips.Strip, data: bytes) -
     t2 = time.perf_counter()
     _skip_if_cancelled(task, spec.id)
     # Large outputs (local operations' pixels) wait in Redis; the chord carries only their keys.
-    packed = claims.offload_fields(op.pack(result), lambda field: claims.key_for(spec.id, "out", s.index, field), SETTINGS)
+    # What the seam pass reads stays inline up to the usual size; the rest within a job-wide budget.
+    job_limit = claims.inline_limit(SETTINGS, spec.strips)
+    packed = claims.offload_fields(
+        op.pack(result), lambda field: claims.key_for(spec.id, "out", s.index, field), SETTINGS,
+        lambda field: SETTINGS.inline_max_bytes if field in op.stitch_fields else job_limit,
+    )
     return {
         **packed, "index": s.index, "row0": s.row0, "row1": s.row1, "worker": _worker_name(task),
         "seconds": {"decode": t1 - t0, "compute": t2 - t1, "pack": time.perf_counter() - t2},

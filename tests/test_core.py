@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from luminagrid import codec
-from luminagrid.canny import Pending, Seams, canny_reference, canny_strip, finish_seams, set_edges
+from luminagrid.canny import (
+    Pending,
+    Seams,
+    canny_reference,
+    canny_strip,
+    finish_seams,
+    on_seam_rows,
+    pixels_of,
+    set_edges,
+)
 from luminagrid.codec import Codec, CodecError
 from luminagrid.strips import plan_strips
 
@@ -23,9 +32,11 @@ def strip_parallel(gray: np.ndarray, count: int, low: float, high: float, seams:
                          s.index > 0, s.index < len(plan) - 1) for s in plan]
     packed = [np.packbits(p.edges, axis=1) for p in parts]
     if seams:
-        fixes = finish_seams(width, [Seams(s.row1 - s.row0, p.pending, p.edges[0], p.edges[-1]) for s, p in zip(plan, parts)])
-        for rows, at in zip(packed, fixes):
-            set_edges(rows, at, width)
+        seams = [Seams(s.row1 - s.row0, on_seam_rows(p.pending, s.row1 - s.row0, width),
+                       np.packbits(p.edges[0]), np.packbits(p.edges[-1]))
+                 for s, p in zip(plan, parts)]
+        for rows, p, labels in zip(packed, parts, finish_seams(width, seams)):
+            set_edges(rows, pixels_of(p.pending, labels), width)
     return np.unpackbits(np.vstack(packed), axis=1, count=width).view(bool)
 
 

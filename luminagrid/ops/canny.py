@@ -26,10 +26,11 @@ class Canny(Operation):
     colour = False
     suffix = "edges"
     strip_pixels = 1_000_000  # cheap per pixel: small strips keep latency low
-    fields = ("edges", "pending", "first", "last", "fixes")
+    fields = ("edges", "pending", "seam_pending", "first", "last", "labels")
     # Hysteresis links pixels across any distance: the seam pass needs each strip's pending pixels
-    # and its edge rows beside the seams, never its whole edge map.
-    stitch_fields = ("pending", "first", "last")
+    # on its first and last row and its edge rows beside the seams, never its whole edge map nor
+    # all its pending pixels (whoever writes the output fetches those, a strip at a time).
+    stitch_fields = ("seam_pending", "first", "last")
 
     def check(self, values: Values) -> None:
         if values["low"] > values["high"]:
@@ -49,38 +50,46 @@ class Canny(Operation):
 
     def pack(self, result: canny.StripEdges) -> dict[str, Any]:
         edges = result.edges
+        rows, width = edges.shape
         return {
             "edges": codec.pack_bits(edges), "pending": codec.pack_pending(result.pending),
-            "first": np.packbits(edges[0]).tobytes(), "last": np.packbits(edges[-1]).tobytes(),
+            "seam_pending": codec.pack_pending(canny.on_seam_rows(result.pending, rows, width)),
+            # LZ4 too: the chord join and the stitch hold every strip's seam rows at once
+            "first": codec.pack_bits(edges[:1]), "last": codec.pack_bits(edges[-1:]),
         }
 
     def stitch(self, parts: list[dict[str, Any]], width: int, channels: int) -> dict[str, Any]:
-        """The seam pass: which pending pixels of each strip become edges. The strips' edge maps
-        are handed on untouched (bytes or claims); whoever assembles the output sets the fixes."""
+        """The seam pass: which pending components of each strip become edges. The strips' edge
+        maps and pending pixels are handed on untouched (bytes or claims); whoever assembles the
+        output sets those components' pixels."""
         def row(data: Any) -> np.ndarray:
-            if not isinstance(data, bytes) or len(data) != (width + 7) // 8:
-                raise codec.CodecError(f"a seam row of {len(data) if isinstance(data, bytes) else data!r} bytes "
-                                       f"is not {(width + 7) // 8} bytes")
-            return np.unpackbits(np.frombuffer(data, np.uint8), count=width).view(bool)
+            if not isinstance(data, bytes):
+                raise codec.CodecError(f"a seam row is {type(data).__name__}, not bytes")
+            return codec.unpack_rows(data, 1, width)[0]  # packed: the seam pass unpacks the rows it needs
 
         seams = [
-            canny.Seams(p["row1"] - p["row0"], codec.unpack_pending(p["pending"], p["row1"] - p["row0"], width),
+            canny.Seams(p["row1"] - p["row0"], codec.unpack_pending(p["seam_pending"], p["row1"] - p["row0"], width),
                         row(p["first"]), row(p["last"]))
             for p in parts
         ]
-        fixes = canny.finish_seams(width, seams)
-        return {"edges": [p["edges"] for p in parts], "rows": [s.rows for s in seams],
-                "fixes": [codec.pack_indices(at) for at in fixes]}
+        labels = canny.finish_seams(width, seams)
+        return {"edges": [p["edges"] for p in parts], "pending": [p["pending"] for p in parts],
+                "rows": [s.rows for s in seams], "labels": [codec.pack_indices(at) for at in labels]}
 
     def packed_rows(self, stitched: dict[str, Any], width: int) -> Iterator[np.ndarray]:
-        """The output's packed rows (np.packbits layout), strip by strip, fixes set: what a 1-bit
+        """The output's packed rows (np.packbits layout), strip by strip, seams resolved: what a 1-bit
         PNG holds, without ever the whole image in memory."""
-        rows, fixes = stitched["rows"], stitched["fixes"]
-        if not (len(rows) == len(fixes) == len(stitched["edges"])):
+        rows, labels, pending = stitched["rows"], stitched["labels"], stitched["pending"]
+        if not (len(rows) == len(labels) == len(pending) == len(stitched["edges"])):
             raise codec.CodecError(f"{len(stitched['edges'])} strips of edges for {len(rows)} strips")
-        for data, count, fix in zip(stitched["edges"], rows, fixes):
-            packed = codec.unpack_rows(data() if callable(data) else data, int(count), width)
-            yield canny.set_edges(packed, codec.unpack_indices(fix, int(count) * width), width)
+        for data, count, linked, waiting in zip(stitched["edges"], rows, labels, pending):
+            count = int(count)
+            packed = np.array(codec.unpack_rows(data() if callable(data) else data, count, width))  # writable
+            linked_labels = codec.unpack_indices(linked, count * width)
+            if linked_labels.size:  # only then are its pending pixels fetched
+                strip_pending = codec.unpack_pending(waiting() if callable(waiting) else waiting, count, width)
+                canny.set_edges(packed, canny.pixels_of(strip_pending, linked_labels), width)
+            yield packed
 
     def collect(self, stitched: dict[str, Any], height: int, width: int, channels: int) -> np.ndarray:
         rows = [int(r) for r in stitched["rows"]]
