@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from run import photo_like  # noqa: E402
+from photos import photo_like  # noqa: E402
 
 from luminagrid import codec  # noqa: E402
 from luminagrid.codec import Codec  # noqa: E402

@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from run import interleaved, photo_like  # noqa: E402
+from photos import photo_like  # noqa: E402
+from run import interleaved  # noqa: E402
 
 import luminagrid  # noqa: E402
 from luminagrid import ops  # noqa: E402
