@@ -21,11 +21,12 @@ import uuid
 from collections.abc import Iterator
 
 import numpy as np
+import redis
 
 from luminagrid import claims, codec, messages, strips
 from luminagrid import record as records
 from luminagrid.app import app
-from luminagrid.jobs import REDIS_ERRORS, Job, Params, redis_run_id
+from luminagrid.jobs import REDIS_ERRORS, Job, Params
 from luminagrid.record import Record
 from luminagrid.settings import PUBLISHER_KEY, Settings
 from luminagrid.source import Source
@@ -52,9 +53,11 @@ class _Publisher:
         self.key, self.ttl_ms = PUBLISHER_KEY.format(job=job_id), max(1000, int(ttl_s * 1000))
         self.db = records.fast_client()
         self.stop = threading.Event()
-        self.db.set(self.key, "1", px=self.ttl_ms)
         self.thread = threading.Thread(target=self._beat, name="luminagrid-publisher", daemon=True)
-        self.thread.start()
+
+    def first_beat(self, pipe: redis.client.Pipeline) -> None:
+        """The first beat, in the pipeline that writes the job's record; then the thread's."""
+        pipe.set(self.key, "1", px=self.ttl_ms)
 
     def _beat(self) -> None:
         while not self.stop.wait(PUBLISHER_BEAT_S):
@@ -63,15 +66,16 @@ class _Publisher:
             except REDIS_ERRORS:
                 pass  # Redis is away: the supervisor waits for us a while once it is back
 
+    def start(self) -> None:
+        self.thread.start()
+
     def close(self) -> None:
+        """Stop beating; the key lapses by itself (the job is no longer "publishing" by then)."""
         if self.stop.is_set():
             return
         self.stop.set()
-        self.thread.join(5)
-        try:
-            self.db.delete(self.key)
-        except REDIS_ERRORS:
-            pass  # it expires
+        if self.thread.is_alive():
+            self.thread.join(5)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -84,7 +88,13 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _read_ahead(src: Source, plan: list[Strip], stages: Stages) -> Iterator[tuple[Strip, np.ndarray]]:
-    """`src.bands(plan)`, decoded in a thread of its own, at most `READ_AHEAD` strips ahead."""
+    """`src.bands(plan)`, decoded in a thread of its own, at most `READ_AHEAD` strips ahead
+    (rows already in memory are handed out directly: a thread would only cost GIL hand-overs)."""
+    if not src.streamed:
+        for s, rows in src.bands(plan):
+            stages.log("read", s.row1)
+            yield s, rows
+        return
     handoff: queue.Queue[object] = queue.Queue(maxsize=READ_AHEAD)
     stop = threading.Event()
     done = object()
@@ -148,9 +158,13 @@ def send(src: Source, params: Params, output: str | None, settings: Settings, st
     job = Job(record=rec, stages=stages or Stages(), ttl_s=settings.result_ttl_s)
     op = spec.operation
     db = records.client()
-    job.run_id = redis_run_id(db)
     publisher = _Publisher(spec.id, settings.liveness_ttl_s)
-    rec.save(settings.result_ttl_s)  # "publishing": if we die now, the supervisor sees PUBLISHER_KEY lapse
+    with db.pipeline(transaction=False) as pipe:  # one round trip: Redis's run id, the first beat, the record
+        pipe.info("server")
+        publisher.first_beat(pipe)
+        rec.save(settings.result_ttl_s, pipe)  # "publishing": if we die now, the supervisor sees PUBLISHER_KEY lapse
+        job.run_id = str(pipe.execute()[0]["run_id"])
+    publisher.start()
     next_watch = time.monotonic() + WATCH_EVERY_S
     try:
         with app.producer_or_acquire() as producer:
