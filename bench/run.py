@@ -392,8 +392,9 @@ def main() -> None:
         # In a fresh process: after Dask and a thousand jobs here, libvips writing the gigapixel PNG
         # crashed this one once (SIGSEGV); the figure is the same either way.
         stem = args.out / f"gigapixel-{stamp}"
+        env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}  # luminagrid set it here
         subprocess.run([sys.executable, __file__, "--only-gigapixel", "--out", str(args.out), "--stamp", stem.name],
-                       check=True)
+                       check=True, env=env)
         report["gigapixel"] = json.loads(Path(f"{stem}.json").read_text())["gigapixel"]
         Path(report["json"]).write_text(json.dumps(report, indent=2))
 

@@ -239,6 +239,9 @@ def _run(
                     flight.job.forget_quietly()  # a failed job's payloads need not wait for the TTL
                 except LuminagridError as exc:  # a timeout stays collectable with `cli.py result`
                     flight.item.fail(str(exc))
+                except jobs.REDIS_ERRORS as exc:  # Redis went away while its output was fetched
+                    flight.item.fail(f"its output could not be fetched from Redis ({exc}); collect it with "
+                                     f"python cli.py result {flight.job.id}")
                 flight.item.seconds = time.monotonic() - flight.started
                 flying.remove(flight)
                 changed(flight.item)

@@ -137,8 +137,9 @@ class JobResult:
             try:
                 images.write_bilevel_png_atomic(out, op.packed_rows(self._fetched(lazily=True), spec.width),
                                                 spec.width, spec.height)
-            except codec.CodecError as exc:
-                raise JobFailed(f"job {self.job_id} finished but its output cannot be read: {exc}") from None
+            except (MessageError, codec.CodecError) as exc:  # a claim gone (expired, lost in a crash), a bad field
+                raise JobFailed(f"job {self.job_id} finished but its output cannot be read: {exc}; "
+                                "submit the image again") from None
 
     def _fetched(self, lazily: bool = False) -> dict[str, Any]:
         """The stitched result with its claims' bytes (`lazily`: list items as functions that fetch them)."""
@@ -284,7 +285,12 @@ class Job:
         """A payload just written: keep it until Redis has surely persisted it (`_watch_redis`)."""
         self.kept.append((time.monotonic(), key, data))
         self.kept_bytes += len(data)
-        while self.kept_bytes > DURABLE_MAX_BYTES:  # memory stays bounded: the oldest go first
+        while self.kept_bytes > DURABLE_MAX_BYTES and len(self.kept) > 1:
+            # Memory stays bounded, and nothing is forgotten before Redis has surely persisted it:
+            # a faster publisher waits for its oldest payload to be `DURABLE_S` old.
+            age = time.monotonic() - self.kept[0][0]
+            if age < DURABLE_S:
+                time.sleep(DURABLE_S - age)
             self.kept_bytes -= len(self.kept.popleft()[2])
 
     def _forget_durable(self) -> None:
@@ -309,7 +315,10 @@ class Job:
                 pipe.set(key, data, ex=self.ttl_s)
             pipe.set(WALK_KEY, f"job {self.id}'s submitter saw Redis restart", ex=self.ttl_s)
             pipe.execute()
-        records.mark_running(self.record, self.ttl_s)  # the record too, unless it was cancelled
+        if self.record.state == records.RUNNING:
+            records.mark_running(self.record, self.ttl_s)  # the record too, unless it was cancelled
+        else:  # still publishing: "publishing" again, so the supervisor waits for this submitter
+            self.record.save(self.ttl_s)
         now = time.monotonic()
         self.kept = deque((now, key, data) for _, key, data in self.kept)
 

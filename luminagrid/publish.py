@@ -26,6 +26,7 @@ import redis
 from luminagrid import claims, codec, messages, strips
 from luminagrid import record as records
 from luminagrid.app import app
+from luminagrid.errors import JobCancelled
 from luminagrid.jobs import REDIS_ERRORS, Job, Params
 from luminagrid.record import Record
 from luminagrid.settings import PUBLISHER_KEY, Settings
@@ -38,8 +39,10 @@ from luminagrid.tasks import strip_signature
 READ_AHEAD = 2
 #: How often a long publish checks that Redis did not restart (and forgets payloads on disk), in s.
 WATCH_EVERY_S = 0.5
-#: How often the publisher renews `PUBLISHER_KEY` (which lives `liveness_ttl_s`), in seconds.
+#: How often the publisher renews `PUBLISHER_KEY`, and how long the key lives, in seconds (at least
+#: the fast client's 5 s socket timeout plus two beats).
 PUBLISHER_BEAT_S = 0.5
+PUBLISHER_TTL_S = 6.0
 
 
 class _Publisher:
@@ -50,7 +53,8 @@ class _Publisher:
     """
 
     def __init__(self, job_id: str, ttl_s: float) -> None:
-        self.key, self.ttl_ms = PUBLISHER_KEY.format(job=job_id), max(1000, int(ttl_s * 1000))
+        # It outlives one beat stalled for a whole socket timeout (an fsync, a fork, a hiccup).
+        self.key, self.ttl_ms = PUBLISHER_KEY.format(job=job_id), int(max(ttl_s, PUBLISHER_TTL_S) * 1000)
         self.db = records.fast_client()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="luminagrid-publisher", daemon=True)
@@ -116,8 +120,13 @@ def _read_ahead(src: Source, plan: list[Strip], stages: Stages) -> Iterator[tupl
                         continue
                 if item is done:
                     return
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            handoff.put(exc)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, unless it stopped
+            while not stop.is_set():
+                try:
+                    handoff.put(exc, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
     thread = threading.Thread(target=read, name="luminagrid-read", daemon=True)
     thread.start()
@@ -131,7 +140,7 @@ def _read_ahead(src: Source, plan: list[Strip], stages: Stages) -> Iterator[tupl
             yield item  # type: ignore[misc]
     finally:
         stop.set()
-        thread.join(10)
+        thread.join(2)  # a strip still decoding finishes alone (a daemon thread); do not hold up a cancel
 
 
 def plan_for(src: Source, params: Params) -> tuple[messages.JobSpec, list[Strip]]:
@@ -185,6 +194,9 @@ def send(src: Source, params: Params, output: str | None, settings: Settings, st
                 job.stages.log("published", s.index + 1)
                 if time.monotonic() >= next_watch:  # Redis restarted meanwhile? (and forget what is on disk)
                     job._watch_redis(db, lambda _text: None)
+                    if records.is_cancelled(spec.id, db):  # by someone else, or ended by the cluster
+                        raise JobCancelled(f"job {spec.id} was cancelled or ended by the cluster while it was "
+                                           f"being sent; python cli.py status {spec.id} says why.")
                     next_watch = time.monotonic() + WATCH_EVERY_S
         job.stages.mark("last strip published")
         job._watch_redis(db, lambda _text: None)  # did Redis restart while we published?

@@ -102,7 +102,7 @@ def _open_vips(path: Path) -> tuple[Any, str | None]:
     except (ImportError, OSError) as exc:
         return None, f"libvips is not available ({exc})"
     try:
-        image = pyvips.Image.new_from_file(str(path), access="sequential", fail_on="warning")
+        image = pyvips.Image.new_from_file(str(path), access="sequential", fail_on="truncated")
         loader = str(image.get("vips-loader"))
     except pyvips.Error:
         return None, "libvips cannot read this format"

@@ -462,6 +462,8 @@ class Supervisor(threading.Thread):
         app.backend.mark_as_failure(r.id, MessageError(
             f"its submitter stopped after sending {read} of {r.spec.strips} strips (rows 0-{row} of "
             f"{r.spec.height}); the rest of the image never reached Redis: submit the image again"))
+        verdict = app.backend.get_key_for_task(r.id)  # kept, with the record, for `status` to say why
+        self.db.delete(*(k for k in records.data_keys(r) if k != verdict))
         self.records.pop(r.id, None)
         self._event(r.id, f"job {r.id}: its submitter stopped after sending {read}/{r.spec.strips} strips; "
                           "failed the job")
