@@ -31,6 +31,7 @@ from luminagrid.settings import (
     JOB_EVENTS_KEY,
     JOB_KEY,
     PROGRESS_KEY,
+    PUBLISHER_KEY,
     RECOVERIES_KEY,
     WALK_KEY,
 )
@@ -214,6 +215,7 @@ def data_keys(record: Record) -> list[str]:
     chord = [backend.get_key_for_group(record.group_id, suffix) for suffix in ("", ".j", ".t", ".s", ".d", ".c")]
     return [
         PROGRESS_KEY.format(job=record.id), JOB_EVENTS_KEY.format(job=record.id), RECOVERIES_KEY.format(job=record.id),
+        PUBLISHER_KEY.format(job=record.id),
         *(backend.get_key_for_task(t) for t in record.task_ids), *chord,
         *claims.keys_of(record.id, record.spec.strips, record.spec.operation.fields),
     ]
