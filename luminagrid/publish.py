@@ -103,6 +103,15 @@ def _read_ahead(src: Source, plan: list[Strip], stages: Stages) -> Iterator[tupl
     stop = threading.Event()
     done = object()
 
+    def hand_over(item: object) -> None:
+        """Into the queue, waiting while it is full, unless the consumer stopped."""
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def read() -> None:
         try:
             bands = src.bands(plan)
@@ -112,21 +121,11 @@ def _read_ahead(src: Source, plan: list[Strip], stages: Stages) -> Iterator[tupl
                 stages.add("read", time.perf_counter() - started)
                 if item is not done:
                     stages.log("read", item[0].row1)  # type: ignore[index]
-                while not stop.is_set():
-                    try:
-                        handoff.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                hand_over(item)
                 if item is done:
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, unless it stopped
-            while not stop.is_set():
-                try:
-                    handoff.put(exc, timeout=0.1)
-                    return
-                except queue.Full:
-                    continue
+            hand_over(exc)
 
     thread = threading.Thread(target=read, name="luminagrid-read", daemon=True)
     thread.start()

@@ -87,6 +87,22 @@ def test_streamed_strips_equal_what_opencv_decodes(name: str, tmp_path: Path) ->
         assert rows.dtype == reference.dtype and np.array_equal(rows, reference[s.top:s.bottom]), (name, s)
 
 
+def test_a_jpeg_with_bytes_before_a_marker_streams_as_opencv_reads_it(tmp_path: Path) -> None:
+    """libjpeg only warns ("Corrupt JPEG data: 2 extraneous bytes before marker 0xda"), as many
+    camera files make it do; OpenCV reads the file, and so must the stream, to the last strip."""
+    ok, buf = cv2.imencode(".jpg", BGR, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    data = buf.tobytes()
+    path = tmp_path / "extra.jpg"
+    at = data.index(b"\xff\xda")  # the start-of-scan marker
+    path.write_bytes(data[:at] + b"\x00\x00" + data[at:])
+    reference = cv2.imread(str(path), READ)
+    src = source.open_source(path, 10**9)
+    assert src.streamed, src.whole_because
+    plan = strips.plan_strips(src.height, 7, 16)
+    for s, rows in src.bands(plan):
+        assert np.array_equal(rows, reference[s.top:s.bottom]), s
+
+
 def test_a_header_over_the_pixel_limit_is_refused_before_decoding(tmp_path: Path) -> None:
     path = write_cv("big.png", GRAY)(tmp_path)
     with pytest.raises(InputError, match="its header declares more pixels than the limit of 1000"):
