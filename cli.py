@@ -163,11 +163,15 @@ def _connect() -> Settings:
     return settings
 
 
+def _say_cancelled_job(job_id: str | None, source: str) -> None:
+    err.print(f"cancelled job {job_id} ({source}): its strips are skipped and its data deleted", markup=False)
+
+
 def _cancel_on_interrupt(job: jobs.Job, source: str) -> None:
     """Ctrl-C or SIGTERM while waiting: the job must not run on without anyone to collect it."""
     try:
         job.cancel(fast=True)
-        err.print(f"cancelled job {job.id} ({source}): its strips are skipped and its data deleted", markup=False)
+        _say_cancelled_job(job.id, source)
     except jobs.REDIS_ERRORS as exc:
         err.print(f"could not cancel job {job.id} ({exc}); cancel it with: python cli.py cancel {job.id}", markup=False)
 
@@ -176,7 +180,7 @@ def _say_cancelled(exc: KeyboardInterrupt, source: str) -> None:
     """What an interrupted publish did with the job it was sending (`publish.Interrupted`)."""
     job_id, cancelled = getattr(exc, "job_id", None), getattr(exc, "cancelled", False)
     if job_id and cancelled:
-        err.print(f"cancelled job {job_id} ({source}): its strips are skipped and its data deleted", markup=False)
+        _say_cancelled_job(job_id, source)
     elif job_id:
         err.print(f"could not cancel job {job_id} (Redis is unreachable); the cluster fails it once its "
                   "submitter's key lapses", markup=False)
@@ -284,7 +288,7 @@ def _batch(items: list[batch.Item], params: jobs.Params, settings: Settings, tim
         except KeyboardInterrupt:
             for i in items:
                 if i.state == "cancelled":
-                    err.print(f"cancelled job {i.job_id} ({i.source}): its strips are skipped and its data deleted", markup=False)
+                    _say_cancelled_job(i.job_id, i.source)
             raise
 
 

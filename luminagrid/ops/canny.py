@@ -84,11 +84,11 @@ class Canny(Operation):
             raise codec.CodecError(f"{len(stitched['edges'])} strips of edges for {len(rows)} strips")
         for data, count, linked, waiting in zip(stitched["edges"], rows, labels, pending):
             count = int(count)
-            packed = np.array(codec.unpack_rows(data() if callable(data) else data, count, width))  # writable
+            packed = codec.unpack_rows(data() if callable(data) else data, count, width)
             linked_labels = codec.unpack_indices(linked, count * width)
-            if linked_labels.size:  # only then are its pending pixels fetched
+            if linked_labels.size:  # only then are its pending pixels fetched (and its rows copied, to set them)
                 strip_pending = codec.unpack_pending(waiting() if callable(waiting) else waiting, count, width)
-                canny.set_edges(packed, canny.pixels_of(strip_pending, linked_labels), width)
+                packed = canny.set_edges(packed.copy(), canny.pixels_of(strip_pending, linked_labels), width)
             yield packed
 
     def collect(self, stitched: dict[str, Any], height: int, width: int, channels: int) -> np.ndarray:
