@@ -1,14 +1,14 @@
 """The worker's exact Canny strip step against `cv2.Canny` on the same strip, one thread.
 
     python bench/canny_strip.py                   # 7680x4320 photo-like, the default strip plan
-    python bench/canny_strip.py --rows 512        # 4 MP strips
+    python bench/canny_strip.py --rows 128        # 1 MP strips (the plan before 4 MP strips)
     python bench/canny_strip.py --size 3840x2160 --repeats 9
 
 Times, interleaved over every strip of the plan (halos included, as a worker gets them):
 `cv2.Canny(strip, 100, 200)` and `luminagrid.canny.canny_strip`, and the steps of the latter
-(Sobel, the candidates' Canny pass, labelling, the sparse work on the candidates, pending
-components). Prints ms per megapixel of own rows (medians) and the ratio; writes JSON under
-bench/results/.
+(the walled Sobel gradients, the one Canny pass on them, and the bands beside the seams where
+pending components are labelled). Prints ms per megapixel of own rows (medians) and the ratio;
+writes JSON under bench/results/.
 """
 
 from __future__ import annotations
@@ -29,25 +29,26 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from photos import photo_like  # noqa: E402
 
-from luminagrid import canny, strips  # noqa: E402
+from luminagrid import canny, ops, strips  # noqa: E402
 
 LOW, HIGH = 100.0, 200.0
 
 
-def steps(gray: np.ndarray, halo_top: int, halo_bottom: int) -> dict[str, float]:
-    """`canny.canny_strip`'s work, step by step (seconds), for the breakdown."""
-    t = [time.perf_counter()]
-    end = gray.shape[0] - halo_bottom
-    dx = cv2.Sobel(gray, cv2.CV_16S, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
-    dy = cv2.Sobel(gray, cv2.CV_16S, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
-    t.append(time.perf_counter())
-    candidates = cv2.Canny(dx, dy, LOW, LOW)[halo_top:end]
-    t.append(time.perf_counter())
-    count, labels = cv2.connectedComponentsWithAlgorithm(candidates, 8, cv2.CV_32S, cv2.CCL_BBDT)
-    t.append(time.perf_counter())
-    canny._hysteresis(candidates, labels, count, dx[halo_top:end], dy[halo_top:end], HIGH, True, True)
-    t.append(time.perf_counter())
-    return {name: b - a for name, a, b in zip(("sobel", "candidates", "labels", "sparse"), t, t[1:])}
+def steps(
+    gray: np.ndarray, halo_top: int, halo_bottom: int, seam_above: bool, seam_below: bool,
+) -> dict[str, float]:
+    """`canny.canny_strip`'s work, step by step (seconds), for the breakdown: the walled
+    gradients, the one Canny pass on them, then the bands beside the seams."""
+    t0 = time.perf_counter()
+    dx, dy = canny._walled(gray, halo_top, halo_bottom, seam_above, seam_below)
+    t1 = time.perf_counter()
+    top = 2 if seam_above else 0
+    edges = cv2.Canny(dx, dy, LOW, HIGH)[top:top + gray.shape[0] - halo_top - halo_bottom]
+    np.bitwise_and(edges, 1, out=edges)
+    t2 = time.perf_counter()
+    canny.seam_bands(dx, dy, edges, top, LOW, seam_above, seam_below)
+    t3 = time.perf_counter()
+    return {"gradients": t1 - t0, "canny pass": t2 - t1, "seam bands": t3 - t2}
 
 
 def measure(width: int, height: int, rows: int = 0, repeats: int = 5) -> dict:
@@ -56,7 +57,8 @@ def measure(width: int, height: int, rows: int = 0, repeats: int = 5) -> dict:
     cv2.setNumThreads(1)
     try:
         gray = cv2.cvtColor(photo_like(width, height), cv2.COLOR_BGR2GRAY)
-        count = -(-height // rows) if rows else strips.default_strip_count(height, width, 1_000_000)
+        per_strip = ops.get("canny").strip_pixels
+        count = -(-height // rows) if rows else strips.default_strip_count(height, width, per_strip)
         plan = strips.plan_strips(height, count, strips.halo_for(canny.HALO_NEEDED_ROWS))
         samples: dict[str, list[float]] = {}
         for _ in range(repeats):
@@ -70,7 +72,8 @@ def measure(width: int, height: int, rows: int = 0, repeats: int = 5) -> dict:
                 canny.canny_strip(piece, s.halo_top, s.halo_bottom, LOW, HIGH, seam_above, seam_below)
                 t2 = time.perf_counter()
                 for name, seconds in {"cv2.Canny": t1 - t0, "canny_strip": t2 - t1,
-                                      **steps(piece, s.halo_top, s.halo_bottom)}.items():
+                                      **steps(piece, s.halo_top, s.halo_bottom, seam_above,
+                                              seam_below)}.items():
                     samples.setdefault(name, []).append(seconds * 1000 / mp)
     finally:
         cv2.setNumThreads(threads)
@@ -85,7 +88,7 @@ def print_report(r: dict) -> None:
     w, h = r["size"]
     print(f"{w}x{h}, {r['strips']} strips of {r['rows']} rows (+{r['halo']}-row halos), one thread, "
           f"{r['repeats']} repeats, medians in ms per MP of own rows")
-    for name in ("cv2.Canny", "canny_strip", "sobel", "candidates", "labels", "sparse"):
+    for name in ("cv2.Canny", "canny_strip", "gradients", "canny pass", "seam bands"):
         print(f"  {name:<12} {r['medians_ms_per_mp'][name]:6.2f}")
     print(f"  canny_strip / cv2.Canny = {r['ratio']:.2f}x (target <= 1.5x)")
 

@@ -303,7 +303,7 @@ def print_report(report: dict) -> None:
     m = st["medians_ms_per_mp"]
     print(f"exact Canny strip step vs cv2.Canny, one thread, {st['strips']} strips of {st['rows']} rows: "
           f"{m['canny_strip']:.2f} vs {m['cv2.Canny']:.2f} ms/MP = {st['ratio']:.2f}x (target <= 1.5x); steps: "
-          + ", ".join(f"{k} {m[k]:.2f}" for k in ("sobel", "candidates", "labels", "sparse")))
+          + ", ".join(f"{k} {m[k]:.2f}" for k in ("gradients", "canny pass", "seam bands")))
     marks = report["timeline"]["marks"]
     print("time line of one job (s since submit): " + ", ".join(f"{k} {v:.3f}" for k, v in marks.items() if v is not None))
     b = report["batch"]

@@ -5,11 +5,11 @@ Whole-image Canny = non-maximum suppression + thresholds + hysteresis. The first
 them exactly. Hysteresis is not local: a weak pixel is an edge when an 8-connected chain of weak
 pixels links it to a strong one, however far away. So:
 
-1. On each strip (worker): `candidates` = NMS maxima above `low` (`cv2.Canny(dx, dy, low, low)`).
-   Resolve hysteresis inside the strip: candidate components holding a strong pixel (magnitude
-   above `high`) are edges. Components without one that touch a seam row are *pending*: a
-   neighbouring strip may link them to an edge. Only the candidate pixels are visited after the
-   labelling.
+1. On each strip (worker): one `cv2.Canny` resolves hysteresis inside the strip's own rows
+   (`canny_strip`; `_walled` keeps it out of the halo). Candidates (NMS maxima above `low`) that
+   are not edges and whose component touches a seam row are *pending*: a neighbouring strip may
+   link them to an edge. Only those are labelled, in bands beside the seams, so the work beyond
+   OpenCV's own Canny follows the seams, not the strip.
 2. On the stitcher: a pending component that touches an edge pixel across a seam (directly, or
    through other pending components) becomes an edge. Everything else pending is dropped. The
    stitcher sees only the pending pixels *on* each strip's first and last row and the edge rows
@@ -70,54 +70,262 @@ def canny_strip(
     """Edges of the rows `halo_top : rows - halo_bottom` of a (rows, width) uint8 strip.
 
     `seam_above`/`seam_below` say whether another strip continues the image there; only
-    components touching such a seam can be pending.
+    components touching such a seam can be pending. A side with a seam needs `HALO_NEEDED_ROWS`
+    halo rows there (fewer where the image itself ends).
 
-    One OpenCV Canny pass finds the candidates (NMS maxima above `low`), one labelling pass their
-    8-connected components; everything after visits only the candidate pixels (a few percent of
-    a photo): their magnitudes say which components hold a strong pixel (above `high`).
+    1. One Sobel pass (`cv2.spatialGradient`) and one `cv2.Canny` on the gradients give the own
+       rows' edges with hysteresis resolved inside the own rows alone (`_walled` keeps it out of
+       the halo).
+    2. Pending components touch a seam row and are candidates but not edges. Only those are
+       labelled, in a band of rows beside each seam (`seam_bands`) that grows while one of them
+       reaches its inner edge, so that work follows the seams, not the strip.
     """
     low, high = whole_thresholds(low, high)
-    end = gray.shape[0] - halo_bottom
-    # One Sobel pass, with the border OpenCV's Canny itself uses; the halo makes the own rows exact.
-    dx = cv2.Sobel(gray, cv2.CV_16S, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
-    dy = cv2.Sobel(gray, cv2.CV_16S, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
-    candidates = cv2.Canny(dx, dy, low, low)[halo_top:end]
-    count, labels = cv2.connectedComponentsWithAlgorithm(candidates, 8, cv2.CV_32S, cv2.CCL_BBDT)
-    return _hysteresis(candidates, labels, count, dx[halo_top:end], dy[halo_top:end], high, seam_above, seam_below)
+    if not seam_above:  # no image above: a halo there would only be rows that do not exist
+        gray, halo_top = gray[halo_top:], 0
+    if not seam_below:
+        gray, halo_bottom = gray[:gray.shape[0] - halo_bottom], 0
+    if (seam_above and halo_top < 1) or (seam_below and halo_bottom < 1):
+        raise ValueError(f"a strip beside a seam needs a halo row there, not {halo_top} above "
+                         f"and {halo_bottom} below")
+    rows = gray.shape[0] - halo_top - halo_bottom
+    dx, dy = _walled(gray, halo_top, halo_bottom, seam_above, seam_below)
+    top = 2 if seam_above else 0
+    edges = cv2.Canny(dx, dy, low, high)[top:top + rows]
+    np.bitwise_and(edges, 1, out=edges)  # 0/255 -> 0/1, viewed as bool
+    if not (seam_above or seam_below):
+        return StripEdges(edges.view(bool), Pending.none())
+    bands = seam_bands(dx, dy, edges, top, low, seam_above, seam_below)
+    at = np.concatenate([b.at for b in bands])
+    if not at.size:
+        return StripEdges(edges.view(bool), Pending.none())
+    return StripEdges(edges.view(bool), Pending(at, np.concatenate([b.label for b in bands])))
 
 
-def _hysteresis(
-    candidates: np.ndarray, labels: np.ndarray, count: int, dx: np.ndarray, dy: np.ndarray, high: float,
-    seam_above: bool, seam_below: bool,
-) -> StripEdges:
-    """Hysteresis inside a strip, visiting only its candidate pixels.
+#: Magnitude of the wall rows `_walled` puts beyond a seam: above any real one (at most 2040).
+_WALL = 4096
 
-    `candidates` is (rows, width) uint8 (non-zero at candidates), `labels` their components
-    (int32, 0 = background), `dx`/`dy` the own rows' int16 Sobel responses. A component is an
-    edge if a pixel of it has an L1 magnitude above `high` (OpenCV's strong pixels); one without,
-    touching a seam row, is pending.
+
+def _walled(
+    gray: np.ndarray, halo_top: int, halo_bottom: int, seam_above: bool, seam_below: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, width) int16 Sobel gradients of the own rows, plus two rows beyond each seam: the
+    halo row beside the seam, then a wall row.
+
+    Canny compares each pixel with its two neighbours along its gradient direction. The halo row
+    keeps its real magnitude (what the own rows beside it are compared with) but points at the
+    wall, which outweighs it: it is never a maximum, so never a candidate, and hysteresis cannot
+    pass through it. The wall's own candidates touch nothing but that halo row.
     """
-    rows, width = candidates.shape
-    edges = np.zeros(rows * width, bool)
-    if count <= 1:
-        return StripEdges(edges.reshape(rows, width), Pending.none())
-    xy = cv2.findNonZero(candidates).reshape(-1, 2)  # in row-major order: flat indices ascending
-    at = xy[:, 1] * width + xy[:, 0]
-    label = np.take(labels, at)
-    magnitude = np.abs(np.take(dx, at)) + np.abs(np.take(dy, at))  # at most 2040: int16 holds it
-    strong = np.zeros(count, bool)
-    strong[label[magnitude > high]] = True
-    edges[at[strong[label]]] = True
+    dx, dy = cv2.spatialGradient(gray, borderType=cv2.BORDER_REPLICATE)
+    pad = (max(0, 2 - halo_top) if seam_above else 0, max(0, 2 - halo_bottom) if seam_below else 0)
+    if any(pad):  # a 1-row halo where the image ends: room for the wall
+        dx, dy = (np.pad(a, (pad, (0, 0))) for a in (dx, dy))
+    start = halo_top + pad[0] - (2 if seam_above else 0)
+    stop = dx.shape[0] - (halo_bottom + pad[1]) + (2 if seam_below else 0)
+    dx, dy = dx[start:stop], dy[start:stop]
+    sides = ([(1, 0)] if seam_above else []) + ([(-2, -1)] if seam_below else [])
+    for halo, wall in sides:
+        dy[halo] = np.abs(dx[halo]) + np.abs(dy[halo])  # the same L1 magnitude, pointing at the wall
+        dx[halo] = 0
+        dx[wall], dy[wall] = 0, _WALL
+    return dx, dy
+
+
+def seam_bands(
+    dx: np.ndarray, dy: np.ndarray, edges: np.ndarray, top: int, low: float,
+    seam_above: bool, seam_below: bool,
+) -> list[Pending]:
+    """The pending components beside each seam of a strip (`canny_strip`'s second step), labels
+    unique across the list.
+
+    `dx`/`dy` are `_walled` gradients whose own rows start at `top`; `edges` the own rows' (rows,
+    width) 0/1 uint8 edges. Each seam gets `_beside_seam`; where the two would meet, the strip is
+    labelled whole.
+    """
+    rows = edges.shape[0]
+    sides = []
+    if 2 * _FIRST_BAND_ROWS + 2 < rows:
+        for below, wanted in ((False, seam_above), (True, seam_below)):
+            if wanted:
+                side = _beside_seam(dx, dy, edges, top, low, below)
+                if side is None:
+                    break
+                sides.append(side)
+        else:
+            out, offset = [], 0
+            for pending, labels in sides:
+                out.append(Pending(pending.at, pending.label + offset))
+                offset += labels
+            return out
+    return [_whole(dx, dy, edges, top, low, seam_above, seam_below)]
+
+
+#: Rows beside a seam labelled across the whole width first; components going deeper are
+#: followed in the columns they reach.
+_FIRST_BAND_ROWS = 16
+#: Columns added either side of where a component leaves the columns followed so far.
+_SIDE_COLUMNS = 32
+
+
+def _weak(
+    dx: np.ndarray, dy: np.ndarray, edges: np.ndarray, top: int, row0: int, row1: int,
+    runs: list[tuple[int, int]], low: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weak candidates (candidates that are not edges) of own rows `row0:row1`, in the columns of
+    `runs` (sorted, disjoint, at least 3 columns apart), side by side: a (rows, n) 0/1 uint8 map
+    and the (n,) image column of each of its columns (-1 between runs, always 0 there).
+
+    Candidates are NMS maxima above `low`, from one Canny pass over the runs' gradients with a
+    row and a column either side, exact for the runs. `edges` resolves whole components (one
+    holding a strong pixel is an edge throughout), so candidates that are not edges are the weak
+    ones.
+    """
+    width = edges.shape[1]
+    lo, hi = max(0, top + row0 - 1), min(dx.shape[0], top + row1 + 1)
+    own = slice(top + row0 - lo, top + row1 - lo)
+    if runs == [(0, width)]:
+        column = np.arange(width)
+        gx, gy, known = dx[lo:hi], dy[lo:hi], edges[row0:row1]
+    else:
+        starts, stops = np.array(runs).T
+        spans_from, spans_to = np.maximum(starts - 1, 0), np.minimum(stops + 1, width)
+        lengths = spans_to - spans_from
+        # every column of every span with its margins, in one index array
+        taken = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths - spans_from, lengths)
+        inside = (taken >= np.repeat(starts, lengths)) & (taken < np.repeat(stops, lengths))
+        column = np.where(inside, taken, -1)
+        gx, gy, known = dx[lo:hi, taken], dy[lo:hi, taken], edges[row0:row1, taken]
+    candidates = cv2.Canny(gx, gy, low, low)[own]
+    # Candidates are 255, edges 1 (and always candidates): 254 marks an edge, 255 a weak pixel.
+    weak = np.equal(candidates - known, 255).view(np.uint8)
+    if runs != [(0, width)]:
+        weak[:, column < 0] = 0  # the margins: not exact, and they keep the runs apart
+    return weak, column
+
+
+def _pixels(weak: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """8-connected components of a 0/1 map: (count, labels, (n, 2) x, y of its set pixels in
+    row-major order)."""
+    count, labels = cv2.connectedComponentsWithAlgorithm(weak, 8, cv2.CV_32S, cv2.CCL_BBDT)
+    xy = cv2.findNonZero(weak)
+    return count, labels, (np.zeros((0, 2), np.int32) if xy is None else xy.reshape(-1, 2))
+
+
+def _runs(wanted: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of True in a (width,) bool array as (start, stop) pairs, runs less than 3 columns apart
+    merged (`_weak` needs them apart)."""
+    change = np.flatnonzero(np.diff(np.concatenate([[0], wanted.view(np.int8), [0]])))
+    starts, stops = change[0::2], change[1::2]
+    apart = np.flatnonzero(starts[1:] - stops[:-1] >= 3)
+    first, last = np.concatenate([[0], apart + 1]), np.concatenate([apart, [stops.size - 1]])
+    return list(zip(starts[first].tolist(), stops[last].tolist()))
+
+
+def _around(columns: np.ndarray, width: int, reach: int) -> np.ndarray:
+    """(width,) bool: True within `reach` columns of any of `columns`."""
+    hit = np.zeros(width + 2 * reach + 1, np.int32)
+    np.add.at(hit, columns + reach + 1, 1)
+    total = np.cumsum(hit)
+    return (total[2 * reach + 1:] - total[:width]) > 0
+
+
+def _beside_seam(
+    dx: np.ndarray, dy: np.ndarray, edges: np.ndarray, top: int, low: float, below: bool,
+) -> tuple[Pending, int] | None:
+    """Pending components touching the strip's first own row (or its last, `below`), and how many
+    labels they may use; None if one may reach halfway to the other seam.
+
+    The first `_FIRST_BAND_ROWS` rows are labelled across the width. Where a pending component
+    reaches the band's inner edge, or the edge of the columns followed so far, the columns around
+    it are followed deeper (4 bands, then twice as deep each time), side by side in one pass;
+    components of both passes are joined where they share pixels (`_components`).
+    """
+    rows, width = edges.shape
+    band = _FIRST_BAND_ROWS
+    limit = (rows - 2) // 2  # deeper than this, the two seams' components could meet
+
+    def own(depth: int) -> tuple[int, int]:  # own rows of the depths 0:depth from the seam
+        return (rows - depth, rows) if below else (0, depth)
+
+    r0, r1 = own(band)
+    weak0, _ = _weak(dx, dy, edges, top, r0, r1, [(0, width)], low)
+    count0, labels0, xy0 = _pixels(weak0)
+    seam0 = np.zeros(count0, bool)
+    seam0[labels0[-1] if below else labels0[0]] = True
+    seam0[0] = False
+    if not seam0.any():
+        return Pending.none(), count0
+    label0 = labels0[xy0[:, 1], xy0[:, 0]]
+    depth0 = (band - 1 - xy0[:, 1]) if below else xy0[:, 1]
+    at0 = (xy0[:, 1] + r0) * width + xy0[:, 0]
+    followed = np.zeros(width + 2, bool)  # by image column + 1 (the image's sides count as followed)
+    followed[[0, -1]] = True
+    root, node_seam = np.arange(count0, dtype=np.int32), seam0
+    deep_at = deep_node = np.zeros(0, np.int32)
+    depth = band
+    frontier = (depth0 == band - 1) & seam0[label0]
+    widen, deepen = xy0[frontier, 0], False
+    while widen.size or deepen:
+        if deepen and depth >= limit:
+            return None
+        depth = min(limit, max(2 * depth if deepen else depth, 4 * band))
+        if depth <= band:
+            return None
+        followed[1:-1] |= _around(widen, width, _SIDE_COLUMNS)
+        r0k, r1k = own(depth)
+        weak, column = _weak(dx, dy, edges, top, r0k, r1k, _runs(followed[1:-1]), low)
+        count, labels, xy = _pixels(weak)
+        x, y = column[xy[:, 0]], xy[:, 1]
+        d = (depth - 1 - y) if below else y
+        label = labels[y, xy[:, 0]] + count0  # node ids after the band's
+        # Join the two passes where they share pixels (the band's rows, in the followed columns).
+        shared = d < band
+        band_row = y[shared] + r0k - r0
+        root = _components(count0 + count, labels0[band_row, x[shared]].astype(np.int32),
+                           label[shared].astype(np.int32))
+        node_seam = np.zeros(count0 + count, bool)
+        node_seam[root[np.flatnonzero(seam0)]] = True
+        node_seam = node_seam[root]
+        # Where a pending component may go on: the band's inner edge outside the followed columns,
+        # this pass's inner edge, and the followed columns' sides below the band.
+        band_edge = (depth0 == band - 1) & node_seam[label0]
+        xs = xy0[band_edge, 0]
+        outside = ~(followed[xs] & followed[xs + 1] & followed[xs + 2])
+        deep = (d >= band - 1) & node_seam[label]
+        at_side = deep & ~(followed[x] & followed[x + 2])
+        deepen = bool((deep & (d == depth - 1)).any())
+        widen = np.concatenate([xs[outside], x[at_side]])
+        keep = (d >= band) & node_seam[label]
+        deep_at = ((y[keep] + r0k) * width + x[keep]).astype(np.int32)
+        deep_node = label[keep]
+    keep0 = node_seam[label0]
+    at = np.concatenate([at0[keep0].astype(np.int32), deep_at])
+    node = np.concatenate([label0[keep0], deep_node])
+    order = np.argsort(at, kind="stable")
+    return Pending(at[order], root[node[order]].astype(np.int32)), root.size
+
+
+def _whole(
+    dx: np.ndarray, dy: np.ndarray, edges: np.ndarray, top: int, low: float, first: bool, last: bool,
+) -> Pending:
+    """Pending components of a strip labelled whole: weak components touching its first own row
+    (`first`) or its last (`last`)."""
+    rows, width = edges.shape
+    weak, _ = _weak(dx, dy, edges, top, 0, rows, [(0, width)], low)
+    count, labels, xy = _pixels(weak)
     at_seam = np.zeros(count, bool)
-    if seam_above:
+    if first:
         at_seam[labels[0]] = True
-    if seam_below:
+    if last:
         at_seam[labels[-1]] = True
     at_seam[0] = False
-    pending = (at_seam & ~strong)[label]
-    if not pending.any():
-        return StripEdges(edges.reshape(rows, width), Pending.none())
-    return StripEdges(edges.reshape(rows, width), Pending(at[pending].astype(np.int32), label[pending]))
+    if not at_seam.any():
+        return Pending.none()
+    at = xy[:, 1] * width + xy[:, 0]
+    label = labels[xy[:, 1], xy[:, 0]]
+    keep = at_seam[label]
+    return Pending(at[keep].astype(np.int32), label[keep].astype(np.int32))
 
 
 def _unpacked(packed: np.ndarray, width: int) -> np.ndarray:

@@ -60,6 +60,40 @@ def test_without_the_seam_pass_strips_would_miss_edges() -> None:
     assert not np.array_equal(strip_parallel(gray, 12, 20, 120, seams=False), reference)
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1), height=st.integers(120, 700), width=st.integers(1, 400),
+    count=st.integers(2, 5), low=st.floats(0, 80), span=st.floats(0, 300),
+)
+def test_tall_strips_follow_weak_chains_far_from_the_seam(
+    seed: int, height: int, width: int, count: int, low: float, span: float,
+) -> None:
+    # Tall strips and low thresholds: weak components reach past the first band beside each seam,
+    # where the strip step follows them in the columns they reach (canny._beside_seam).
+    gray = synthetic(seed, height, width)
+    reference = canny_reference(gray, low, low + span)
+    assert np.array_equal(strip_parallel(gray, count, low, low + span), reference)
+
+
+def test_a_weak_line_far_into_a_strip_is_followed_to_its_end() -> None:
+    # A faint vertical edge, weak everywhere (gradient between the thresholds), from row 40 across
+    # the seam at row 256; beyond the upper strip's halo it turns strong: the whole faint edge is
+    # an edge, though the upper strip alone sees no strong pixel on it.
+    gray = np.full((512, 300), 100, np.uint8)
+    gray[40:300, 150:] = 110  # a step of 10: L1 Sobel magnitude 40
+    gray[272:400, 150:] = 200  # a step of 100 from row 272: strong
+    low, high = 30, 200
+    reference = canny_reference(gray, low, high)
+    assert reference[40:256].any()
+    plan = plan_strips(512, 2, 8)
+    upper = plan[0]
+    part = canny_strip(gray[upper.top:upper.bottom], upper.halo_top, upper.halo_bottom, low, high,
+                       seam_above=False, seam_below=True)
+    assert not part.edges[50:200].any()  # alone, the strip has no strong pixel on the faint line
+    assert (part.pending.at // 300).min() < 100  # its pending component goes far from the seam
+    assert np.array_equal(strip_parallel(gray, 2, low, high), reference)
+
+
 @given(seed=st.integers(0, 1000), height=st.integers(1, 120), width=st.integers(1, 120),
        quality=st.integers(1, 100), count=st.integers(1, 20))
 def test_jpeg_strips_decode_to_the_rows_of_a_whole_image_jpeg(

@@ -25,7 +25,10 @@ class Canny(Operation):
     )
     colour = False
     suffix = "edges"
-    strip_pixels = 1_000_000  # cheap per pixel: small strips keep latency low
+    # Tall strips: the seam work (`canny.seam_bands`) is a band of rows per seam, so it costs
+    # less per pixel the taller the strip (bench/canny_strip.py: 1.9x cv2.Canny at 128 rows, 1.3x
+    # at 432). 4 MP still cuts an 8K image into 10 strips that stream while it is read.
+    strip_pixels = 4_000_000
     fields = ("edges", "pending", "seam_pending", "first", "last", "labels")
     # Hysteresis links pixels across any distance: the seam pass needs each strip's pending pixels
     # on its first and last row and its edge rows beside the seams, never its whole edge map nor
