@@ -182,6 +182,8 @@ class Job:
     #: Redis's run id when the job was written
     run_id: str | None = None
     ttl_s: int = Settings.result_ttl_s
+    #: the input file of a `file` job (its worker's complaints about the file name it)
+    source: Path | None = None
 
     @property
     def id(self) -> str:
@@ -388,7 +390,11 @@ class Waiter:
                 if result is not None:
                     return result
             elif meta is not None and meta["status"] == states.FAILURE:
-                raise JobFailed(f"job {job.id} failed: {status.failure_text(job.record, meta, records.progress(job.id, db))}")
+                progress = records.progress(job.id, db)
+                bad_file = status.input_error(job.record, progress) if job.spec.file else None
+                if bad_file is not None:  # its worker could not decode the file: say so as the submitter would
+                    raise InputError(f"{job.source or 'the input file'}: {bad_file}")
+                raise JobFailed(f"job {job.id} failed: {status.failure_text(job.record, meta, progress)}")
             if now >= self.next_progress:
                 self.next_progress = now + PROGRESS_EVERY_S
                 self._look_at_progress(db)
@@ -518,7 +524,10 @@ def submit_source(
     stages = stages or Stages()
     if src.path is not None and not src.streamed:
         stages.note = f"{src.path} was decoded whole, not streamed: {src.whole_because}"
-    return _send(src, params, output, settings or Settings.from_env(), stages)
+    job = _send(src, params, output, settings or Settings.from_env(), stages)
+    if job.spec.file:
+        stages.note = f"{src.path} went as its file, in one strip: small enough for one worker to decode it"
+    return job
 
 
 def submit_pixels(

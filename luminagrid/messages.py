@@ -1,9 +1,10 @@
 """The strip message: built by the submitter, validated by the worker before any decoding.
 
 A strip task gets three arguments (msgpack, never pickle):
-- `job`: {"id", "op", "params", "width", "height", "channels", "strips", "codec", "quality"}
+- `job`: {"id", "op", "params", "width", "height", "channels", "strips", "codec", "quality", "file"}
 - `strip`: {"index", "row0", "row1", "top", "bottom"} (see `strips.Strip`)
-- `payload`: the strip's encoded pixels (`codec.encode_strip`), inline or as a claim (`claims`)
+- `payload`: the strip's encoded pixels (`codec.encode_strip`), inline or as a claim (`claims`);
+  in a `file` job (one strip: a small image) the input file itself, which the worker decodes
 
 Anything can be published onto a Redis queue, so a worker trusts none of it: `parse_job`,
 `parse_strip` and `check_payload` check types, ranges and sizes before a byte is decoded, and raise
@@ -40,6 +41,9 @@ class JobSpec:
     strips: int
     codec: Codec
     quality: int
+    #: the one strip's payload is the input file (a small streamable PNG, JPEG or TIFF), which
+    #: the worker decodes, converts and (in JPEG mode) round-trips as the submitter would have
+    file: bool = False
 
     @property
     def operation(self) -> ops.Operation:
@@ -54,7 +58,7 @@ class JobSpec:
         return {
             "id": self.id, "op": self.op, "params": dict(self.params), "width": self.width,
             "height": self.height, "channels": self.channels, "strips": self.strips,
-            "codec": self.codec.value, "quality": self.quality,
+            "codec": self.codec.value, "quality": self.quality, "file": self.file,
         }
 
 
@@ -97,9 +101,13 @@ def parse_job(job: Any, max_pixels: int) -> JobSpec:
     channels = _int(job, "channels", 1, 3)
     if channels == 2 or (channels == 3 and not op.colour):
         raise MessageError(f"job {job_id}: {channels} channels do not suit operation {op.name}")
+    file = job.get("file", False)
+    count = _int(job, "strips", 1, strips.MAX_STRIPS)
+    if type(file) is not bool or (file and count != 1):  # noqa: E721 - exactly a bool
+        raise MessageError(f"job {job_id}: field 'file' = {file!r} is not a bool (true only for 1 strip)")
     return JobSpec(
         id=job_id, op=op.name, params=values, width=width, height=height, channels=channels,
-        strips=_int(job, "strips", 1, strips.MAX_STRIPS), codec=kind, quality=_int(job, "quality", 0, 100),
+        strips=count, codec=kind, quality=_int(job, "quality", 0, 100), file=file,
     )
 
 
@@ -126,10 +134,17 @@ def result_limit(rows: int, job: JobSpec) -> int:
 
 
 def payload_limit(s: strips.Strip, job: JobSpec) -> int:
-    """Most bytes strip `s`'s encoded pixels can take."""
+    """Most bytes strip `s`'s encoded pixels can take (a `file` job's: its file's)."""
+    if job.file:
+        return file_limit(job.width, job.height)
     raw = (s.bottom - s.top) * job.width * job.channels
     # JPEG at quality 100 can be larger than the raw samples (measured: 1.3x on noise).
     return (2 * raw if job.codec is Codec.jpeg else raw) + PAYLOAD_SLACK_BYTES
+
+
+def file_limit(width: int, height: int) -> int:
+    """Most bytes a `file` job's file can take: twice its largest raw samples (16-bit RGBA)."""
+    return 2 * 8 * width * height + PAYLOAD_SLACK_BYTES
 
 
 def check_payload(payload: Any, s: strips.Strip, job: JobSpec) -> bytes:

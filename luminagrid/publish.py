@@ -9,11 +9,16 @@ under its claim key, then published as a chord header task: the strips' group is
 chord, whose size is set just before the last strip goes out (as Celery's own chord does).
 Only a strip and its halos, and the payloads of the last `DURABLE_S` seconds, are held.
 
+A small image (a streamable file of at most one strip's pixels: `as_file`) goes as its file, in a
+job of one strip whose worker decodes it (`JobSpec.file`): the submitter reads only the header,
+so in a batch the decoding, the heaviest part of a small job, spreads over the workers.
+
 An error while reading (a truncated file found mid-stream) or publishing cancels what went out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -145,14 +150,48 @@ def _read_ahead(src: Source, plan: list[Strip], stages: Stages) -> Iterator[tupl
 def plan_for(src: Source, params: Params) -> tuple[messages.JobSpec, list[Strip]]:
     """The job's message and strip plan, from the image's header alone."""
     op = params.operation
-    count = params.strips or strips.default_strip_count(src.height, src.width, op.strip_pixels)
+    file = as_file(src, params)
+    count = 1 if file else params.strips or strips.default_strip_count(src.height, src.width, op.strip_pixels)
     plan = strips.plan_strips(src.height, count, strips.halo_for(op.halo_rows(params.values)))
     spec = messages.JobSpec(
         id=str(uuid.uuid4()), op=op.name, params=dict(params.values), width=src.width, height=src.height,
         channels=3 if op.colour and src.channels >= 3 else 1, strips=len(plan), codec=params.codec,
-        quality=params.quality,
+        quality=params.quality, file=file,
     )
     return spec, plan
+
+
+def as_file(src: Source, params: Params) -> bool:
+    """Whether to send the image as its file, to one worker that decodes it: a streamable file
+    of at most one strip's pixels (where a batch's parallelism comes from its many images, and
+    the submitter's decoding was most of the work). Its pixels are the same either way."""
+    if not (src.streamed and src.path is not None and params.strips in (None, 1)):
+        return False
+    if src.height * src.width > params.operation.strip_pixels:
+        return False
+    try:
+        return src.path.stat().st_size <= messages.file_limit(src.width, src.height)
+    except OSError:
+        return False
+
+
+def _payloads(src: Source, spec: messages.JobSpec, plan: list[Strip], stages: Stages) -> Iterator[tuple[Strip, bytes]]:
+    """Each strip with its encoded pixels, as they are read; a `file` job's one strip with its file."""
+    if spec.file:
+        assert src.path is not None
+        with stages.timed("read"):
+            data = src.path.read_bytes()
+        stages.log("read", spec.height)
+        yield plan[0], data
+        return
+    op = spec.operation
+    with contextlib.closing(_read_ahead(src, plan, stages)) as bands:
+        for s, rows in bands:
+            with stages.timed("convert"):
+                pixels = op.prepare(rows)
+            with stages.timed("encode"):
+                data = codec.encode_strip(pixels, spec.codec, spec.quality)
+            yield s, data
 
 
 def send(src: Source, params: Params, output: str | None, settings: Settings, stages: Stages | None = None) -> Job:
@@ -163,8 +202,7 @@ def send(src: Source, params: Params, output: str | None, settings: Settings, st
     """
     spec, plan = plan_for(src, params)
     rec = Record(spec=spec, output=output, submitted_at=time.time())
-    job = Job(record=rec, stages=stages or Stages(), ttl_s=settings.result_ttl_s)
-    op = spec.operation
+    job = Job(record=rec, stages=stages or Stages(), ttl_s=settings.result_ttl_s, source=src.path if spec.file else None)
     db = records.client()
     publisher = _Publisher(spec.id, settings.liveness_ttl_s)
     with db.pipeline(transaction=False) as pipe:  # one round trip: Redis's run id, the first beat, the record
@@ -176,11 +214,7 @@ def send(src: Source, params: Params, output: str | None, settings: Settings, st
     next_watch = time.monotonic() + WATCH_EVERY_S
     try:
         with app.producer_or_acquire() as producer:
-            for s, rows in _read_ahead(src, plan, job.stages):
-                with job.stages.timed("convert"):
-                    pixels = op.prepare(rows)
-                with job.stages.timed("encode"):
-                    data = codec.encode_strip(pixels, spec.codec, spec.quality)
+            for s, data in _payloads(src, spec, plan, job.stages):
                 key = claims.key_for(spec.id, "in", s.index)
                 with job.stages.timed("publish"):
                     db.set(key, data, ex=settings.result_ttl_s)  # before the message that names it

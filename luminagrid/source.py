@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from luminagrid import images
@@ -103,31 +104,65 @@ def _open_vips(path: Path) -> tuple[Any, str | None]:
         return None, f"libvips is not available ({exc})"
     try:
         image = pyvips.Image.new_from_file(str(path), access="sequential", fail_on="truncated")
-        loader = str(image.get("vips-loader"))
+        why = _not_exact(image)
     except pyvips.Error:
         return None, "libvips cannot read this format"
+    return (None, why) if why else (image, None)
+
+
+def _not_exact(image: Any) -> str | None:
+    """Why libvips' pixels of `image` (opened, header read) would not be OpenCV's, or None."""
+    loader = str(image.get("vips-loader")).removesuffix("_buffer")  # pngload_buffer reads bytes alike
     fields = set(image.get_fields())
     if loader not in STREAMED:
-        return None, f"libvips reads it with {loader}, which does not stream"
+        return f"libvips reads it with {loader}, which does not stream"
     if "orientation" in fields and int(image.get("orientation")) != 1:
-        return None, f"its EXIF orientation is {int(image.get('orientation'))} (OpenCV rotates it)"
+        return f"its EXIF orientation is {int(image.get('orientation'))} (OpenCV rotates it)"
     if loader == "pngload" and "interlaced" in fields and int(image.get("interlaced")):
-        return None, "it is an interlaced PNG"
+        return "it is an interlaced PNG"
     if loader == "tiffload" and "n-pages" in fields and int(image.get("n-pages")) > 1:
-        return None, "it is a multi-page TIFF"
+        return "it is a multi-page TIFF"
     if image.format not in _FORMATS or image.bands not in (1, 2, 3, 4) or image.interpretation not in _INTERPRETATIONS:
-        return None, f"its samples are {image.format} x {image.bands} ({image.interpretation})"
-    return image, None
+        return f"its samples are {image.format} x {image.bands} ({image.interpretation})"
+    return None
 
 
-def _as_opencv(data: bytes, rows: int, source: Source, bands: int) -> np.ndarray:
+def decode_file(data: bytes, width: int, height: int) -> np.ndarray:
+    """A whole image file's bytes (a streamable PNG, JPEG or TIFF: `Source.streamed`), decoded
+    by libvips exactly as `Source.bands` would: (height, width) or (height, width, 3), uint8 or
+    uint16. This is how a worker reads a small image sent to it as its file (`publish`).
+
+    The header must declare `width` x `height` (checked before any pixel is decoded); raises
+    `InputError` saying what is wrong with the file.
+    """
+    import pyvips  # noqa: PLC0415
+
+    pyvips.cache_set_max(0)
+    try:
+        image = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="truncated")
+    except pyvips.Error:
+        raise InputError("not a readable image; use PNG, JPEG, TIFF, BMP or WebP.") from None
+    why = _not_exact(image)
+    if why or (image.width, image.height) != (width, height):
+        raise InputError(f"the file is not the image its job describes ({why or f'{image.width}x{image.height}'}, "
+                         f"not a streamable {width}x{height}); submit it again.")
+    try:
+        pixels = image.write_to_memory()
+    except pyvips.Error:
+        kind = STREAMED[str(image.get("vips-loader")).removesuffix("_buffer")]
+        raise InputError(f"the {kind} is damaged or truncated: it could not be decoded; use a complete file.") from None
+    return _as_opencv(pixels, height, width, _FORMATS[image.format], image.bands)
+
+
+def _as_opencv(data: bytes, rows: int, width: int, dtype: type, bands: int) -> np.ndarray:
     """libvips' interleaved RGB(A) or gray(+alpha) rows as OpenCV decodes them."""
-    pixels = np.frombuffer(data, source.dtype).reshape(rows, source.width, bands)
+    pixels = np.frombuffer(data, dtype).reshape(rows, width, bands)
     if bands == 1:
         return pixels[:, :, 0]
     if bands == 2:  # gray with alpha: OpenCV gives three equal channels
-        return np.repeat(pixels[:, :, :1], 3, axis=2)
-    return np.ascontiguousarray(pixels[:, :, 2::-1])  # RGB(A) -> BGR
+        return cv2.cvtColor(np.ascontiguousarray(pixels[:, :, 0]), cv2.COLOR_GRAY2BGR)
+    # RGB(A) -> BGR: OpenCV's own channel swap is many times faster than a reversed numpy copy
+    return cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR if bands == 3 else cv2.COLOR_RGBA2BGR)
 
 
 def _streamed(source: Source, plan: list[Strip]) -> Iterator[tuple[Strip, np.ndarray]]:
@@ -142,7 +177,7 @@ def _streamed(source: Source, plan: list[Strip]) -> Iterator[tuple[Strip, np.nda
                 data = region.fetch(0, read_to, source.width, s.bottom - read_to)
             except pyvips.Error as exc:
                 raise InputError(_mid_stream(source, read_to, exc)) from None
-            fresh = _as_opencv(data, s.bottom - read_to, source, source._vips.bands)
+            fresh = _as_opencv(data, s.bottom - read_to, source.width, source.dtype, source._vips.bands)
             reused = held[s.top - held_from:] if held is not None else fresh[:0]
             held = np.concatenate([reused, fresh]) if len(reused) else fresh
             held_from, read_to = s.top, s.bottom

@@ -115,6 +115,17 @@ def of(record: Record) -> Status:
     )
 
 
+def input_error(record: Record, progress: dict[int, str]) -> str | None:
+    """The message of a failed strip's `InputError` (a `file` job's file its worker could not
+    decode), or None."""
+    failed = sorted(i for i, s in progress.items() if s == states.FAILURE)
+    for meta in records.metas([record.strip_task_id(i) for i in failed]):
+        text = error_text(meta) if meta is not None and meta["status"] == states.FAILURE else ""
+        if text.startswith("InputError: "):
+            return text.removeprefix("InputError: ")
+    return None
+
+
 def failure_text(record: Record, stitch_meta: dict[str, Any] | None, progress: dict[int, str]) -> str:
     """Why the job failed: the first failed strip's own error, else the stitch's."""
     failed = sorted(i for i, s in progress.items() if s == states.FAILURE)

@@ -22,9 +22,10 @@ from celery import Task
 from celery.canvas import Signature
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from luminagrid import claims, codec, messages, queues, strips
+from luminagrid import claims, codec, messages, queues, source, strips
 from luminagrid import record as records
 from luminagrid.app import app
+from luminagrid.codec import Codec
 from luminagrid.errors import ClaimGone, MessageError
 from luminagrid.record import Record
 from luminagrid.settings import CANCEL_KEY, Settings
@@ -97,7 +98,8 @@ def _compute(task: Task, spec: messages.JobSpec, s: strips.Strip, data: bytes) -
     op = spec.operation
     t0 = time.perf_counter()
     try:
-        pixels = codec.decode_strip(data, spec.codec, s.bottom - s.top, spec.width, spec.channels)
+        pixels = _decode_file(spec, data) if spec.file else codec.decode_strip(
+            data, spec.codec, s.bottom - s.top, spec.width, spec.channels)
     except codec.CodecError as exc:
         raise MessageError(f"job {spec.id} strip {s.index}: {exc}") from None
     t1 = time.perf_counter()
@@ -115,6 +117,20 @@ def _compute(task: Task, spec: messages.JobSpec, s: strips.Strip, data: bytes) -
         **packed, "index": s.index, "row0": s.row0, "row1": s.row1, "worker": _worker_name(task),
         "seconds": {"decode": t1 - t0, "compute": t2 - t1, "pack": time.perf_counter() - t2},
     }
+
+
+def _decode_file(spec: messages.JobSpec, data: bytes) -> Any:
+    """A `file` job's pixels, as the submitter would have sent them: the file decoded as it
+    streams (`source.decode_file`), converted for the operation, and in JPEG mode round-tripped
+    through JPEG (one strip's JPEG decodes to the rows of the whole image's: `codec`).
+
+    A file that does not decode raises `InputError` (the job fails; its submitter names the file)."""
+    pixels = spec.operation.prepare(source.decode_file(data, spec.width, spec.height))
+    if spec.codec is Codec.jpeg:
+        pixels = codec.jpeg_roundtrip(pixels, spec.quality)
+    if pixels.shape != codec.shape_of(spec.height, spec.width, spec.channels):
+        raise codec.CodecError(f"the file decoded to {pixels.shape}, not {spec.width}x{spec.height}x{spec.channels}")
+    return pixels
 
 
 def _ready(task: Task, part: dict[str, Any], spec: messages.JobSpec) -> dict[str, Any]:

@@ -304,6 +304,9 @@ class Exploit:
         (JOB, STRIP, "not bytes", "payload is str, not bytes"),
         (JOB, STRIP, {"claim": "luminagrid:in:another:0:payload"}, "claim 'luminagrid:in:another:0:payload' is not this strip's"),
         (JOB, STRIP, {"claim": "luminagrid:in:forged:0:payload", "more": 1}, "payload is dict, not bytes or a claim"),
+        ({**JOB, "file": "yes"}, STRIP, b"", "field 'file' = 'yes' is not a bool"),
+        ({**JOB, "file": True, "strips": 2}, STRIP, b"", "true only for 1 strip"),
+        ({**JOB, "file": True}, STRIP, b"\0" * 100_000, "exceeds 69632"),  # a file over 16 bytes per pixel
     ],
 )
 def test_forged_strip_messages_are_rejected_without_harming_the_workers(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -123,7 +124,8 @@ def test_cluster_runs_a_whole_system_and_stops_everything(tmp_path: Path, sig: s
 
         photo = tmp_path / "photo.png"
         cv2.imwrite(str(photo), synthetic(63, 90, 70))
-        submitted = subprocess.run([*CLI, "submit", str(photo), "--codec", "lossless"],
+        # Two strips (one such small image would go whole, as its file): both workers serve it.
+        submitted = subprocess.run([*CLI, "submit", str(photo), "--codec", "lossless", "--strips", "2"],
                                    env={**os.environ, "LUMINAGRID_BROKER_URL": url}, capture_output=True, text=True, timeout=60)
         assert submitted.returncode == 0, submitted.stderr
         assert "served by local1@" in submitted.stdout and "local2@" in submitted.stdout
@@ -132,8 +134,15 @@ def test_cluster_runs_a_whole_system_and_stops_everything(tmp_path: Path, sig: s
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # a failed assertion above: stop it as a user would, then whatever is left
+            proc.terminate()
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            for pid in processes_with(marker):  # Redis, workers, Flower it started (ours: the marker)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 0, err
     assert "stopping" in out
     assert processes_with(marker) == []

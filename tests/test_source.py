@@ -17,7 +17,9 @@ import pytest
 import pyvips
 from conftest import CLI, REPO, synthetic
 
-from luminagrid import broker, source, strips
+import luminagrid
+from luminagrid import broker, images, ops, source, strips
+from luminagrid import codec as codec_module
 from luminagrid.errors import InputError
 from luminagrid.local import LocalCluster
 from luminagrid.settings import CANCELLED_JOBS_KEY
@@ -87,6 +89,39 @@ def test_streamed_strips_equal_what_opencv_decodes(name: str, tmp_path: Path) ->
         assert rows.dtype == reference.dtype and np.array_equal(rows, reference[s.top:s.bottom]), (name, s)
 
 
+@pytest.mark.parametrize("name", [name for name, (_, streamed) in FORMATS.items() if streamed])
+def test_a_file_decoded_by_a_worker_equals_what_opencv_decodes(name: str, tmp_path: Path) -> None:
+    # A small image travels as its file and a worker decodes it (`source.decode_file`): the
+    # same pixels as the streamed strips, so the same output.
+    path = FORMATS[name][0](tmp_path)
+    reference = cv2.imread(str(path), READ)
+    pixels = source.decode_file(path.read_bytes(), reference.shape[1], reference.shape[0])
+    assert pixels.dtype == reference.dtype and np.array_equal(pixels, reference)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda d: truncated_png(d, 300, 200), "the PNG is damaged or truncated"),
+    (lambda d: truncated_file(d, "cut.jpg", 0.6), "the JPEG is damaged or truncated"),
+    # OpenCV writes a TIFF's directory after its pixels: cut short, it has no header left
+    (lambda d: truncated_file(d, "cut.tif", 0.6), "not a readable image"),
+])
+def test_a_damaged_file_fails_where_a_worker_decodes_it(make, message: str, tmp_path: Path) -> None:  # noqa: ANN001
+    path = make(tmp_path)
+    height, width = 300, 200
+    with pytest.raises(InputError, match=message):
+        source.decode_file(path.read_bytes(), width, height)
+
+
+def test_a_worker_refuses_a_file_that_is_not_the_image_its_job_describes(tmp_path: Path) -> None:
+    data = FORMATS["png 8-bit gray"][0](tmp_path).read_bytes()
+    with pytest.raises(InputError, match="not a streamable 300x300"):
+        source.decode_file(data, 300, 300)  # the file is 257x301
+    with pytest.raises(InputError, match="interlaced PNG"):
+        source.decode_file(FORMATS["png interlaced"][0](tmp_path).read_bytes(), 257, 301)
+    with pytest.raises(InputError, match="not a readable image"):
+        source.decode_file(b"\x89PNG not really", 257, 301)
+
+
 def test_a_jpeg_with_bytes_before_a_marker_streams_as_opencv_reads_it(tmp_path: Path) -> None:
     """libjpeg only warns ("Corrupt JPEG data: 2 extraneous bytes before marker 0xda"), as many
     camera files make it do; OpenCV reads the file, and so must the stream, to the last strip."""
@@ -107,6 +142,13 @@ def test_a_header_over_the_pixel_limit_is_refused_before_decoding(tmp_path: Path
     path = write_cv("big.png", GRAY)(tmp_path)
     with pytest.raises(InputError, match="its header declares more pixels than the limit of 1000"):
         source.open_source(path, 1000)
+
+
+def truncated_file(folder: Path, name: str, keep: float, height: int = 300, width: int = 200) -> Path:
+    path = folder / name
+    _, buf = cv2.imencode(Path(name).suffix, synthetic(10, height, width, channels=3))
+    path.write_bytes(buf.tobytes()[: int(buf.size * keep)])
+    return path
 
 
 def truncated_png(folder: Path, height: int = 2400, width: int = 400, keep: float = 0.5) -> Path:
@@ -174,3 +216,50 @@ def test_reading_holds_a_strip_at_a_time_not_the_image(tmp_path: Path) -> None:
     print(f"\nstreaming 8000x3000 and 8000x12000 gray PNGs (24 and 96 MB decoded) in 1 MB strips: peak memory "
           f"grew {grew[3000] >> 20} and {grew[12000] >> 20} MB")
     assert grew[12000] < 96_000_000 / 3 and grew[12000] - grew[3000] < 8 << 20
+
+
+# --- small images travel as their files ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["lossless", "jpeg"])
+@pytest.mark.parametrize("name", ["png 8-bit BGR", "png 16-bit gray", "png gray + alpha", "jpeg colour q95",
+                                  "tiff 8-bit gray"])
+def test_a_small_image_goes_as_its_file_and_its_output_is_the_same(
+    cluster: LocalCluster, name: str, codec: str, tmp_path: Path,
+) -> None:
+    # The worker decodes the file (the submitter reads only its header): exactly the output of the
+    # same image cut into streamed strips, and of the operation on the whole image.
+    path = FORMATS[name][0](tmp_path)
+    job = luminagrid.submit(path, codec=codec, low=30, high=90)
+    assert job.spec.file and job.strip_count == 1
+    got = job.wait(60).image
+    gray = images.to_gray8(cv2.imread(str(path), READ))
+    if codec == "jpeg":
+        gray = codec_module.jpeg_roundtrip(gray, 95)
+    assert np.array_equal(got, ops.get("canny").apply(gray, {"low": 30, "high": 90}))
+    streamed = luminagrid.submit(path, codec=codec, low=30, high=90, strips=3)
+    assert not streamed.spec.file
+    assert np.array_equal(streamed.wait(60).image, got)
+
+
+def test_an_image_over_one_strip_is_streamed_in_strips(cluster: LocalCluster, tmp_path: Path) -> None:
+    path = tmp_path / "wide.png"
+    cv2.imwrite(str(path), synthetic(11, 600, 2000))  # 1.2 MP: over the Gaussian's 1 MP strips, under Canny's
+    assert luminagrid.submit(path, codec="lossless").spec.file
+    job = luminagrid.submit(path, op="gaussian", codec="lossless")
+    assert not job.spec.file and job.strip_count > 1
+    job.wait(120)
+
+
+@pytest.mark.parametrize("make", [lambda d: truncated_file(d, "cut.png", 0.5), lambda d: truncated_file(d, "cut.jpg", 0.6)])
+def test_a_damaged_small_file_fails_on_its_worker_with_the_submitters_message(
+    cluster_env: dict[str, str], make, tmp_path: Path,  # noqa: ANN001
+) -> None:
+    path = make(tmp_path)
+    proc = subprocess.run([*CLI, "submit", str(path), "--codec", "lossless"], env=cluster_env, capture_output=True,
+                          text=True, timeout=120)
+    kind = "PNG" if path.suffix == ".png" else "JPEG"
+    assert proc.returncode == 1
+    assert f"error: {path}: the {kind} is damaged or truncated" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no output, no temp file
