@@ -57,14 +57,6 @@ def _is_output(path: Path) -> bool:
     return len(parts) >= 3 and parts[-2] in {op.suffix for op in ops.REGISTRY.values()}
 
 
-def is_single(args: list[str]) -> bool:
-    """One path that is neither a folder nor a pattern: a single job (its errors end the command)."""
-    if len(args) != 1:
-        return False
-    path = Path(args[0])
-    return not path.is_dir() and (path.exists() or not glob.has_magic(args[0]))
-
-
 def expand(args: Iterable[str], suffix: str, out_dir: Path | None = None) -> list[Item]:
     """Items for files, folders (their images, not recursive) and glob patterns, in order.
 

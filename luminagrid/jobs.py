@@ -17,7 +17,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import numpy as np
 import redis
 from celery import states
 
-from luminagrid import broker, claims, codec, images, liveness, messages, ops, status, strips
+from luminagrid import broker, claims, codec, images, liveness, messages, ops, status
 from luminagrid import record as records
 from luminagrid.app import app
 from luminagrid.codec import Codec
@@ -39,6 +39,7 @@ from luminagrid.errors import (
     JobTimeout,
     MessageError,
 )
+from luminagrid.params import Params
 from luminagrid.record import Record
 from luminagrid.settings import JOB_EVENTS_KEY, PROGRESS_KEY, QUEUE, WALK_KEY, Settings
 from luminagrid.stages import Stages
@@ -60,31 +61,6 @@ DURABLE_MAX_BYTES = 64 * 1024 * 1024
 REDIS_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError, OSError)
 
 Notice = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Params:
-    """What to compute and how to ship it. `validate()` raises `InputError` naming the bad value."""
-
-    op: str = ops.DEFAULT
-    #: the operation's parameters by name (text or numbers); `validate()` fills in the defaults
-    values: Mapping[str, Any] = field(default_factory=dict)
-    strips: int | None = None
-    codec: Codec = Codec.jpeg
-    quality: int = 95
-
-    @property
-    def operation(self) -> ops.Operation:
-        return ops.get(self.op)
-
-    def validate(self) -> Params:
-        """A copy with every parameter of the operation present and checked."""
-        values = self.operation.values(self.values)
-        if self.strips is not None and not (1 <= self.strips <= strips.MAX_STRIPS):
-            raise InputError(f"--strips {self.strips} is out of range; use 1 to {strips.MAX_STRIPS}.")
-        if not (1 <= self.quality <= 100):
-            raise InputError(f"--quality {self.quality} is out of range; use 1 to 100.")
-        return replace(self, values=values, codec=Codec(self.codec))
 
 
 @dataclass

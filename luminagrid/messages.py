@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from luminagrid import claims, ops, strips
+from luminagrid import claims, ops, source, strips
 from luminagrid.codec import Codec
 from luminagrid.errors import InputError, MessageError
 
@@ -136,15 +136,10 @@ def result_limit(rows: int, job: JobSpec) -> int:
 def payload_limit(s: strips.Strip, job: JobSpec) -> int:
     """Most bytes strip `s`'s encoded pixels can take (a `file` job's: its file's)."""
     if job.file:
-        return file_limit(job.width, job.height)
+        return source.file_limit(job.width, job.height)
     raw = (s.bottom - s.top) * job.width * job.channels
     # JPEG at quality 100 can be larger than the raw samples (measured: 1.3x on noise).
     return (2 * raw if job.codec is Codec.jpeg else raw) + PAYLOAD_SLACK_BYTES
-
-
-def file_limit(width: int, height: int) -> int:
-    """Most bytes a `file` job's file can take: twice its largest raw samples (16-bit RGBA)."""
-    return 2 * 8 * width * height + PAYLOAD_SLACK_BYTES
 
 
 def check_payload(payload: Any, s: strips.Strip, job: JobSpec) -> bytes:

@@ -3,32 +3,30 @@
     job = publish.send(source, params, output, settings, stages)
 
 The rows come from a `source.Source` (a file streamed by libvips, or an array), read ahead in a
-thread of their own, so decoding overlaps converting, encoding and publishing. Each strip is
+thread of their own (`source.ReadAhead`; the command line starts it before it imports Celery), so
+decoding overlaps converting, encoding and publishing. Each strip is
 converted (`Operation.prepare`: gray or BGR; pixel-local, so per strip is exact), encoded, stored
 under its claim key, then published as a chord header task: the strips' group is the job's
 chord, whose size is set just before the last strip goes out (as Celery's own chord does).
 Only a strip and its halos, and the payloads of the last `DURABLE_S` seconds, are held.
 
-A small image (a streamable file of at most one strip's pixels: `as_file`) goes as its file, in a
-job of one strip whose worker decodes it (`JobSpec.file`): the submitter reads only the header,
-so in a batch the decoding, the heaviest part of a small job, spreads over the workers.
+A small image (a streamable file of at most one strip's pixels: `source.sends_file`) goes as its
+file, in a job of one strip whose worker decodes it (`JobSpec.file`): the submitter reads only
+the header, so in a batch the decoding, the heaviest part of a small job, spreads over the workers.
 
 An error while reading (a truncated file found mid-stream) or publishing cancels what went out.
 """
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 
-import numpy as np
 import redis
 
-from luminagrid import claims, codec, messages, strips
+from luminagrid import claims, codec, messages, source
 from luminagrid import record as records
 from luminagrid.app import app
 from luminagrid.errors import JobCancelled
@@ -40,8 +38,6 @@ from luminagrid.stages import Stages
 from luminagrid.strips import Strip
 from luminagrid.tasks import strip_signature
 
-#: Strips read ahead of the one being sent (each is a strip plus halos of decoded rows).
-READ_AHEAD = 2
 #: How often a long publish checks that Redis did not restart (and forgets payloads on disk), in s.
 WATCH_EVERY_S = 0.5
 #: How often the publisher renews `PUBLISHER_KEY`, and how long the key lives, in seconds (at least
@@ -96,83 +92,16 @@ class Interrupted(KeyboardInterrupt):
         self.job_id, self.cancelled = job_id, cancelled
 
 
-def _read_ahead(src: Source, plan: list[Strip], stages: Stages) -> Iterator[tuple[Strip, np.ndarray]]:
-    """`src.bands(plan)`, decoded in a thread of its own, at most `READ_AHEAD` strips ahead
-    (rows already in memory are handed out directly: a thread would only cost GIL hand-overs)."""
-    if not src.streamed:
-        for s, rows in src.bands(plan):
-            stages.log("read", s.row1)
-            yield s, rows
-        return
-    handoff: queue.Queue[object] = queue.Queue(maxsize=READ_AHEAD)
-    stop = threading.Event()
-    done = object()
-
-    def hand_over(item: object) -> None:
-        """Into the queue, waiting while it is full, unless the consumer stopped."""
-        while not stop.is_set():
-            try:
-                handoff.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def read() -> None:
-        try:
-            bands = src.bands(plan)
-            while not stop.is_set():
-                started = time.perf_counter()
-                item = next(bands, done)
-                stages.add("read", time.perf_counter() - started)
-                if item is not done:
-                    stages.log("read", item[0].row1)  # type: ignore[index]
-                hand_over(item)
-                if item is done:
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, unless it stopped
-            hand_over(exc)
-
-    thread = threading.Thread(target=read, name="luminagrid-read", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = handoff.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        thread.join(2)  # a strip still decoding finishes alone (a daemon thread); do not hold up a cancel
-
-
 def plan_for(src: Source, params: Params) -> tuple[messages.JobSpec, list[Strip]]:
-    """The job's message and strip plan, from the image's header alone."""
+    """The job's message and strip plan, from the image's header alone (`source.plan_for`)."""
     op = params.operation
-    file = as_file(src, params)
-    count = 1 if file else params.strips or strips.default_strip_count(src.height, src.width, op.strip_pixels)
-    plan = strips.plan_strips(src.height, count, strips.halo_for(op.halo_rows(params.values)))
+    file, plan = source.plan_for(src, params)
     spec = messages.JobSpec(
         id=str(uuid.uuid4()), op=op.name, params=dict(params.values), width=src.width, height=src.height,
         channels=3 if op.colour and src.channels >= 3 else 1, strips=len(plan), codec=params.codec,
         quality=params.quality, file=file,
     )
     return spec, plan
-
-
-def as_file(src: Source, params: Params) -> bool:
-    """Whether to send the image as its file, to one worker that decodes it: a streamable file
-    of at most one strip's pixels (where a batch's parallelism comes from its many images, and
-    the submitter's decoding was most of the work). Its pixels are the same either way."""
-    if not (src.streamed and src.path is not None and params.strips in (None, 1)):
-        return False
-    if src.height * src.width > params.operation.strip_pixels:
-        return False
-    try:
-        return src.path.stat().st_size <= messages.file_limit(src.width, src.height)
-    except OSError:
-        return False
 
 
 def _payloads(src: Source, spec: messages.JobSpec, plan: list[Strip], stages: Stages) -> Iterator[tuple[Strip, bytes]]:
@@ -185,13 +114,16 @@ def _payloads(src: Source, spec: messages.JobSpec, plan: list[Strip], stages: St
         yield plan[0], data
         return
     op = spec.operation
-    with contextlib.closing(_read_ahead(src, plan, stages)) as bands:
-        for s, rows in bands:
+    reader = src.read_ahead(plan, stages)  # the command line may have started it already
+    try:
+        for s, rows in reader:
             with stages.timed("convert"):
                 pixels = op.prepare(rows)
             with stages.timed("encode"):
                 data = codec.encode_strip(pixels, spec.codec, spec.quality)
             yield s, data
+    finally:
+        reader.close()
 
 
 def send(src: Source, params: Params, output: str | None, settings: Settings, stages: Stages | None = None) -> Job:

@@ -17,18 +17,24 @@ truncated file) raise `InputError` from `bands`.
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
-from luminagrid import images
+from luminagrid import images, strips
 from luminagrid.errors import InputError
+from luminagrid.stages import Stages
 from luminagrid.strips import Strip
+
+if TYPE_CHECKING:
+    from luminagrid.params import Params
 
 #: libvips loaders whose sequential read gives OpenCV's pixels exactly.
 STREAMED = {"pngload": "PNG", "jpegload": "JPEG", "tiffload": "TIFF"}
@@ -50,6 +56,8 @@ class Source:
     _array: np.ndarray | None = None
     _vips: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: the thread decoding it ahead, once `read_ahead` started one
+    reader: ReadAhead | None = None
 
     @property
     def streamed(self) -> bool:
@@ -63,6 +71,114 @@ class Source:
                 yield s, self._array[s.top:s.bottom]
             return
         yield from _streamed(self, plan)
+
+    def read_ahead(self, plan: list[Strip], stages: Stages) -> ReadAhead:
+        """Start decoding `plan`'s strips now, in a thread (`ReadAhead`); whoever sends them takes
+        them from `reader`. The command line starts it before its heavy imports."""
+        if self.reader is None or self.reader.plan != plan:
+            if self.reader is not None:
+                self.reader.close()
+            self.reader = ReadAhead(self, plan, stages)
+        return self.reader
+
+
+#: Most bytes of decoded strips read ahead of the one being sent, and the fewest strips: enough
+#: to keep decoding while the command line imports Celery (~0.3 s), bounded so that memory
+#: follows the strips in flight, not the image.
+READ_AHEAD_BYTES = 64 * 1024 * 1024
+READ_AHEAD_MIN = 2
+
+
+class ReadAhead:
+    """`src.bands(plan)`, decoded in a thread of its own, a bounded number of strips ahead of
+    the consumer (rows already in memory are handed out directly: a thread would only cost GIL
+    hand-overs). Iterate once; `close()` stops the thread (a strip still decoding finishes alone)."""
+
+    def __init__(self, src: Source, plan: list[Strip], stages: Stages) -> None:
+        self.src, self.plan, self.stages = src, plan, stages
+        strip_bytes = max((s.bottom - s.top) * src.width * src.channels * np.dtype(src.dtype).itemsize for s in plan)
+        self.ahead = max(READ_AHEAD_MIN, READ_AHEAD_BYTES // max(1, strip_bytes))
+        self.handoff: queue.Queue[object] = queue.Queue(maxsize=self.ahead)
+        self.stop = threading.Event()
+        self.done = object()
+        self.thread: threading.Thread | None = None
+        if src.streamed:
+            self.thread = threading.Thread(target=self._read, name="luminagrid-read", daemon=True)
+            self.thread.start()
+
+    def _hand_over(self, item: object) -> None:
+        """Into the queue, waiting while it is full, unless the consumer stopped."""
+        while not self.stop.is_set():
+            try:
+                self.handoff.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _read(self) -> None:
+        try:
+            bands = self.src.bands(self.plan)
+            while not self.stop.is_set():
+                started = time.perf_counter()
+                item = next(bands, self.done)
+                self.stages.add("read", time.perf_counter() - started)
+                if item is not self.done:
+                    self.stages.log("read", item[0].row1)  # type: ignore[index]
+                self._hand_over(item)
+                if item is self.done:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, unless it stopped
+            self._hand_over(exc)
+
+    def __iter__(self) -> Iterator[tuple[Strip, np.ndarray]]:
+        if self.thread is None:
+            for s, rows in self.src.bands(self.plan):
+                self.stages.log("read", s.row1)
+                yield s, rows
+            return
+        while True:
+            item = self.handoff.get()
+            if item is self.done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(2)  # a strip still decoding finishes alone (a daemon thread); do not hold up a cancel
+
+
+#: A small image's file is at most this many bytes per pixel (twice 16-bit RGBA's raw samples).
+FILE_BYTES_PER_PIXEL = 16
+
+
+def file_limit(width: int, height: int) -> int:
+    """Most bytes a file sent whole (`sends_file`) may take, with 64 KiB of slack."""
+    return FILE_BYTES_PER_PIXEL * width * height + 64 * 1024
+
+
+def sends_file(src: Source, params: Params) -> bool:
+    """Whether to send the image as its file, to one worker that decodes it: a streamable file
+    of at most one strip's pixels (where a batch's parallelism comes from its many images, and
+    the submitter's decoding was most of the work). Its pixels are the same either way."""
+    if not (src.streamed and src.path is not None and params.strips in (None, 1)):
+        return False
+    if src.height * src.width > params.operation.strip_pixels:
+        return False
+    try:
+        return src.path.stat().st_size <= file_limit(src.width, src.height)
+    except OSError:
+        return False
+
+
+def plan_for(src: Source, params: Params) -> tuple[bool, list[Strip]]:
+    """Whether `src` goes as its file (`sends_file`), and its strips, from its header alone."""
+    op = params.operation
+    file = sends_file(src, params)
+    count = 1 if file else params.strips or strips.default_strip_count(src.height, src.width, op.strip_pixels)
+    return file, strips.plan_strips(src.height, count, strips.halo_for(op.halo_rows(params.values)))
 
 
 def open_source(path: Path, max_pixels: int) -> Source:
@@ -165,22 +281,33 @@ def _as_opencv(data: bytes, rows: int, width: int, dtype: type, bands: int) -> n
     return cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR if bands == 3 else cv2.COLOR_RGBA2BGR)
 
 
+#: Rows libvips decodes per request: its sequential reader caches about as much as it is asked
+#: for at once, several times over (an 8K BGR strip of 448 rows in one request: +169 MB peak).
+FETCH_ROWS = 64
+
+
 def _streamed(source: Source, plan: list[Strip]) -> Iterator[tuple[Strip, np.ndarray]]:
     import pyvips  # noqa: PLC0415
 
     region = pyvips.Region.new(source._vips)
+    bands = source._vips.bands
     held: np.ndarray | None = None  # decoded rows held_from:read_to (what the next strip may reuse)
     held_from = read_to = 0
     for s in plan:  # strips tile the image in order and overlap only by halos: s.top <= read_to
         if s.bottom > read_to:
-            try:
-                data = region.fetch(0, read_to, source.width, s.bottom - read_to)
-            except pyvips.Error as exc:
-                raise InputError(_mid_stream(source, read_to, exc)) from None
-            fresh = _as_opencv(data, s.bottom - read_to, source.width, source.dtype, source._vips.bands)
-            reused = held[s.top - held_from:] if held is not None else fresh[:0]
-            held = np.concatenate([reused, fresh]) if len(reused) else fresh
-            held_from, read_to = s.top, s.bottom
+            assert s.top <= read_to, (s, read_to)
+            rows = np.empty((s.bottom - s.top, source.width, *(() if bands == 1 else (3,))), source.dtype)
+            kept = read_to - s.top  # rows of the strip before decoded already (its halo above)
+            if kept > 0 and held is not None:
+                rows[:kept] = held[s.top - held_from:]
+            for row in range(read_to, s.bottom, FETCH_ROWS):
+                count = min(FETCH_ROWS, s.bottom - row)
+                try:
+                    data = region.fetch(0, row, source.width, count)
+                except pyvips.Error as exc:
+                    raise InputError(_mid_stream(source, row, exc)) from None
+                rows[row - s.top:row - s.top + count] = _as_opencv(data, count, source.width, source.dtype, bands)
+            held, held_from, read_to = rows, s.top, s.bottom
         assert held is not None
         yield s, held[s.top - held_from:s.bottom - held_from]
 

@@ -1,7 +1,9 @@
 """Fixes for bugs and unsafe defaults in the libraries underneath, each with how it was found.
 
 Imported by `luminagrid.app`, so every worker and client gets them (`apply()`); the chord-join
-scripts are used by `luminagrid.backend`.
+scripts are used by `luminagrid.backend`. Celery, kombu and redis are imported only where a fix
+needs them: the operations import this module for OpenCV's, and the command line imports the
+operations before Celery (to start reading the image sooner).
 """
 
 from __future__ import annotations
@@ -11,10 +13,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import cv2
-import kombu.connection
-import redis
-from celery.backends import redis as celery_redis
-from kombu.transport import redis as kombu_redis
 
 
 @contextmanager
@@ -54,6 +52,9 @@ def _lost_transport_is_a_connection_error() -> None:
     ignored, the failed ack is logged, and the message stays in Redis's unacked set, where the
     supervisor finds it unheld and restores it, or drops it if its task already finished.
     """
+    import redis  # noqa: PLC0415
+    from kombu.transport import redis as kombu_redis  # noqa: PLC0415
+
     channel = kombu_redis.Channel
     original = channel._connparams
     if getattr(original, "_luminagrid_fixed", False):
@@ -78,6 +79,8 @@ def _reconnect_within_a_second() -> None:
     A connection attempt is cheap and a lost worker costs the whole cluster its share, so
     try every second (the connect itself is bounded by `broker_connection_timeout`).
     """
+    import kombu.connection  # noqa: PLC0415
+
     connection = kombu.connection.Connection
     original = connection.ensure_connection
     if getattr(original, "_luminagrid_fixed", False):
@@ -114,19 +117,34 @@ def _patched(script: str, old: str, new: str, what: str) -> str:
 # already idempotent, but the claim is not (the token's own earlier SET blocks its NX), so the stitch
 # would never be published. These versions accept a claim the same token already holds, and a
 # cleanup that already ran. Reproduced by tests/test_supervision.py (phase "join").
-REENTRANT_CHORD_PART_RETURN_LUA = _patched(
-    celery_redis.CHORD_PART_RETURN_LUA,
-    "    if redis.call('SET', ckey, claim_token, 'NX', 'EX', claim_expires) then\n        claimed = 1\n    end",
-    "    if redis.call('SET', ckey, claim_token, 'NX', 'EX', claim_expires) then\n        claimed = 1\n"
-    "    elseif redis.call('GET', ckey) == claim_token then\n        claimed = 1\n    end",
-    "chord part return",
-)
-REENTRANT_CHORD_CLEANUP_LUA = _patched(
-    celery_redis.CHORD_CLEANUP_LUA,
-    "    return 1\nend\nreturn 0",
-    "    return 1\nend\nif redis.call('GET', ckey) == 'done' then\n    return 1\nend\nreturn 0",
-    "chord cleanup",
-)
+def _reentrant_scripts() -> dict[str, str]:
+    from celery.backends import redis as celery_redis  # noqa: PLC0415
+
+    return {
+        "REENTRANT_CHORD_PART_RETURN_LUA": _patched(
+            celery_redis.CHORD_PART_RETURN_LUA,
+            "    if redis.call('SET', ckey, claim_token, 'NX', 'EX', claim_expires) then\n        claimed = 1\n    end",
+            "    if redis.call('SET', ckey, claim_token, 'NX', 'EX', claim_expires) then\n        claimed = 1\n"
+            "    elseif redis.call('GET', ckey) == claim_token then\n        claimed = 1\n    end",
+            "chord part return",
+        ),
+        "REENTRANT_CHORD_CLEANUP_LUA": _patched(
+            celery_redis.CHORD_CLEANUP_LUA,
+            "    return 1\nend\nreturn 0",
+            "    return 1\nend\nif redis.call('GET', ckey) == 'done' then\n    return 1\nend\nreturn 0",
+            "chord cleanup",
+        ),
+    }
+
+
+def __getattr__(name: str) -> str:
+    """`REENTRANT_CHORD_PART_RETURN_LUA` and `REENTRANT_CHORD_CLEANUP_LUA`, made on first use."""
+    if name.startswith("REENTRANT_"):
+        scripts = _reentrant_scripts()
+        globals().update(scripts)
+        if name in scripts:
+            return scripts[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def apply() -> None:

@@ -15,12 +15,13 @@ import cv2
 import numpy as np
 import pytest
 import pyvips
-from conftest import CLI, REPO, synthetic
+from conftest import CLI, REPO, synthetic, wait_for
 
 import luminagrid
-from luminagrid import broker, images, ops, source, strips
+from luminagrid import broker, images, jobs, ops, source, stages, strips
 from luminagrid import codec as codec_module
 from luminagrid.errors import InputError
+from luminagrid.params import Params
 from luminagrid.local import LocalCluster
 from luminagrid.settings import CANCELLED_JOBS_KEY
 
@@ -263,3 +264,20 @@ def test_a_damaged_small_file_fails_on_its_worker_with_the_submitters_message(
     assert f"error: {path}: the {kind} is damaged or truncated" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no output, no temp file
+
+
+def test_a_reader_started_early_is_the_one_the_job_is_sent_from(cluster: LocalCluster, tmp_path: Path) -> None:
+    # The command line starts decoding before it imports Celery; sending then takes those strips.
+    path = tmp_path / "tall.png"
+    gray = synthetic(12, 2400, 2000)  # 4.8 MP: over one Canny strip, so it is streamed, not sent whole
+    cv2.imwrite(str(path), gray)
+    src = source.open_source(path, 10**9)
+    params = Params(codec=codec_module.Codec.lossless).validate()
+    file, plan = source.plan_for(src, params)
+    assert not file and len(plan) >= 2
+    timing = stages.Stages()
+    reader = src.read_ahead(plan, timing)
+    wait_for(lambda: reader.handoff.qsize() >= min(len(plan), reader.ahead), 30, "strips decoded ahead")
+    job = jobs.submit_source(src, params, stages=timing)
+    assert src.reader is reader
+    assert np.array_equal(job.wait(60).image, ops.get("canny").apply(gray, {"low": 100.0, "high": 200.0}))
