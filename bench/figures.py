@@ -36,8 +36,9 @@ from luminagrid.settings import ACTIVE_JOBS_KEY, PROGRESS_KEY  # noqa: E402
 PEAK_CLI = """
 import runpy, sys
 sys.argv = sys.argv[1:]
+cli = runpy.run_path(sys.argv[0], run_name="cli")  # not __main__: its main_entry leaves by os._exit
 try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    cli["app"]()
 except SystemExit as exc:
     code = exc.code
 else:
