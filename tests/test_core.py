@@ -48,8 +48,11 @@ def strip_parallel(gray: np.ndarray, count: int, low: float, high: float, seams:
 def test_strip_parallel_canny_equals_whole_image_canny(
     seed: int, height: int, width: int, count: int, low: float, span: float,
 ) -> None:
-    gray = synthetic(seed, height, width)
-    assert np.array_equal(strip_parallel(gray, count, low, low + span), canny_reference(gray, low, low + span))
+    assert_exact(synthetic(seed, height, width), count, low, low + span)
+
+
+def assert_exact(gray: np.ndarray, count: int, low: float, high: float) -> None:
+    assert np.array_equal(strip_parallel(gray, count, low, high), canny_reference(gray, low, high))
 
 
 def test_without_the_seam_pass_strips_would_miss_edges() -> None:
@@ -70,9 +73,7 @@ def test_tall_strips_follow_weak_chains_far_from_the_seam(
 ) -> None:
     # Tall strips and low thresholds: weak components reach past the first band beside each seam,
     # where the strip step follows them in the columns they reach (canny._beside_seam).
-    gray = synthetic(seed, height, width)
-    reference = canny_reference(gray, low, low + span)
-    assert np.array_equal(strip_parallel(gray, count, low, low + span), reference)
+    assert_exact(synthetic(seed, height, width), count, low, low + span)
 
 
 def test_a_weak_line_far_into_a_strip_is_followed_to_its_end() -> None:
