@@ -95,7 +95,7 @@ HELP_CLUSTER = (
 HELP_FLOWER_AUTH = "Protect Flower with basic auth, as user:password."
 HELP_OUT = "Output file for a single IMAGE (lossless: .png, .tif, .bmp, ...). Default: <stem>.<op>.png beside it."
 HELP_STRIPS = ("Number of horizontal strips. Default: the operation's strip size (Canny 4 MP, others 1-2 MP), at "
-               "least 2; an image of one strip or less goes whole, as its file, to one worker.")
+               "least 2 (Canny: 1 up to 1 MP); a file of one strip or less goes whole, as its file, to one worker.")
 HELP_CODEC = "How strips travel: jpeg (smaller; exact w.r.t. the JPEG-decoded image) or lossless."
 HELP_EMBEDDED = "Run on a private Redis and local workers even if a Redis is configured."
 HELP_WORKERS = "Worker processes to start in embedded mode."

@@ -2,7 +2,7 @@
 
 Celery's Redis transport wraps every message body in base64 inside JSON, at 12-28 ms per MB on
 each side; a plain Redis SET + GET of the same bytes costs ~3-5 ms per MB (FIELD-NOTES section 2).
-So strip payloads and strip outputs above `LUMINAGRID_INLINE_MAX_BYTES` (256 KiB) travel as claims:
+So strip payloads and strip outputs above `LUMINAGRID_INLINE_MAX_BYTES` (16 KiB) travel as claims:
 `{"claim": key}`.
 
 Keys are fixed by job id, direction and strip index (`key_for`), so a redelivered or republished

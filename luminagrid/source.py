@@ -177,7 +177,10 @@ def plan_for(src: Source, params: Params) -> tuple[bool, list[Strip]]:
     """Whether `src` goes as its file (`sends_file`), and its strips, from its header alone."""
     op = params.operation
     file = sends_file(src, params)
-    count = 1 if file else params.strips or strips.default_strip_count(src.height, src.width, op.strip_pixels)
+    if file or (params.strips is None and src.height * src.width <= op.one_strip_pixels):
+        count = 1
+    else:
+        count = params.strips or strips.default_strip_count(src.height, src.width, op.strip_pixels)
     return file, strips.plan_strips(src.height, count, strips.halo_for(op.halo_rows(params.values)))
 
 

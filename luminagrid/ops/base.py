@@ -79,6 +79,9 @@ class Operation:
     suffix: ClassVar[str] = ""
     #: pixels per strip when the user does not choose a count (halo work vs load balance)
     strip_pixels: ClassVar[int] = 2_000_000
+    #: images of at most this many pixels run as one strip by default: where the operation is so
+    #: cheap that a second strip's messages cost more than sharing the work saves (0: never)
+    one_strip_pixels: ClassVar[int] = 0
     #: the byte fields of what `pack` and `stitch` return (large ones travel as claim checks)
     fields: ClassVar[tuple[str, ...]] = ("pixels",)
 

@@ -29,6 +29,8 @@ class Canny(Operation):
     # less per pixel the taller the strip (bench/canny_strip.py: 1.9x cv2.Canny at 128 rows, 1.3x
     # at 432). 4 MP still cuts an 8K image into 10 strips that stream while it is read.
     strip_pixels = 4_000_000
+    # A megapixel of Canny takes ~3 ms; a strip's round trip through Redis and Celery ~2 ms more.
+    one_strip_pixels = 1_000_000
     fields = ("edges", "pending", "seam_pending", "first", "last", "labels")
     # Hysteresis links pixels across any distance: the seam pass needs each strip's pending pixels
     # on its first and last row and its edge rows beside the seams, never its whole edge map nor
