@@ -291,7 +291,9 @@ def _params(op: str, given: list[str], low: float | None, high: float | None, **
     return job_params.Params(op=op, values=values, **rest).validate()  # type: ignore[arg-type]
 
 
-def _batch(items: list[batch.Item], params: job_params.Params, settings: Settings, timeout_s: float, in_flight: int) -> None:
+def _batch(
+    items: list[batch.Item], params: job_params.Params, settings: Settings, timeout_s: float, in_flight: int,
+) -> None:
     """Many images: one overall progress bar; notes and errors printed as they come; an interrupt
     cancels the jobs in flight and says which."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415

@@ -134,7 +134,8 @@ def send(src: Source, params: Params, output: str | None, settings: Settings, st
     """
     spec, plan = plan_for(src, params)
     rec = Record(spec=spec, output=output, submitted_at=time.time())
-    job = Job(record=rec, stages=stages or Stages(), ttl_s=settings.result_ttl_s, source=src.path if spec.file else None)
+    job = Job(record=rec, stages=stages or Stages(), ttl_s=settings.result_ttl_s,
+              source=src.path if spec.file else None)
     db = records.client()
     publisher = _Publisher(spec.id, settings.liveness_ttl_s)
     with db.pipeline(transaction=False) as pipe:  # one round trip: Redis's run id, the first beat, the record

@@ -13,6 +13,11 @@ OpenCV instead (`images.read_image`) and `Source.whole_because` says why: EXIF o
 than 1 (OpenCV rotates), interlaced PNG, CMYK or other colour spaces, other sample formats, and
 formats libvips does not stream (WebP, BMP, PNM, ...). Decoding errors found mid-stream (a
 truncated file) raise `InputError` from `bands`.
+
+How an image travels is decided here too, from its header: `plan_for` gives its strips, and
+`sends_file` whether a small one goes whole as its file, which its worker reads with
+`decode_file` (the same libvips path, so the same pixels). `ReadAhead` decodes the strips in a
+thread of its own, a bounded number ahead of whoever sends them.
 """
 
 from __future__ import annotations

@@ -252,7 +252,8 @@ def test_an_image_over_one_strip_is_streamed_in_strips(cluster: LocalCluster, tm
     job.wait(120)
 
 
-@pytest.mark.parametrize("make", [lambda d: truncated_file(d, "cut.png", 0.5), lambda d: truncated_file(d, "cut.jpg", 0.6)])
+@pytest.mark.parametrize("make", [lambda d: truncated_file(d, "cut.png", 0.5),
+                                  lambda d: truncated_file(d, "cut.jpg", 0.6)])
 def test_a_damaged_small_file_fails_on_its_worker_with_the_submitters_message(
     cluster_env: dict[str, str], make, tmp_path: Path,  # noqa: ANN001
 ) -> None:
