@@ -184,7 +184,8 @@ def _weak(
     width = edges.shape[1]
     lo, hi = max(0, top + row0 - 1), min(dx.shape[0], top + row1 + 1)
     own = slice(top + row0 - lo, top + row1 - lo)
-    if runs == [(0, width)]:
+    whole = runs == [(0, width)]
+    if whole:
         column = np.arange(width)
         gx, gy, known = dx[lo:hi], dy[lo:hi], edges[row0:row1]
     else:
@@ -199,7 +200,7 @@ def _weak(
     candidates = cv2.Canny(gx, gy, low, low)[own]
     # Candidates are 255, edges 1 (and always candidates): 254 marks an edge, 255 a weak pixel.
     weak = np.equal(candidates - known, 255).view(np.uint8)
-    if runs != [(0, width)]:
+    if not whole:
         weak[:, column < 0] = 0  # the margins: not exact, and they keep the runs apart
     return weak, column
 
@@ -210,6 +211,18 @@ def _pixels(weak: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     count, labels = cv2.connectedComponentsWithAlgorithm(weak, 8, cv2.CV_32S, cv2.CCL_BBDT)
     xy = cv2.findNonZero(weak)
     return count, labels, (np.zeros((0, 2), np.int32) if xy is None else xy.reshape(-1, 2))
+
+
+def _on_rows(count: int, labels: np.ndarray, first: bool, last: bool) -> np.ndarray:
+    """(count,) bool: the components of `labels` (0 = background, never) with a pixel on its
+    first row (`first`) or its last (`last`)."""
+    touching = np.zeros(count, bool)
+    if first:
+        touching[labels[0]] = True
+    if last:
+        touching[labels[-1]] = True
+    touching[0] = False
+    return touching
 
 
 def _runs(wanted: np.ndarray) -> list[tuple[int, int]]:
@@ -251,9 +264,7 @@ def _beside_seam(
     r0, r1 = own(band)
     weak0, _ = _weak(dx, dy, edges, top, r0, r1, [(0, width)], low)
     count0, labels0, xy0 = _pixels(weak0)
-    seam0 = np.zeros(count0, bool)
-    seam0[labels0[-1] if below else labels0[0]] = True
-    seam0[0] = False
+    seam0 = _on_rows(count0, labels0, first=not below, last=below)
     if not seam0.any():
         return Pending.none(), count0
     label0 = labels0[xy0[:, 1], xy0[:, 0]]
@@ -314,12 +325,7 @@ def _whole(
     rows, width = edges.shape
     weak, _ = _weak(dx, dy, edges, top, 0, rows, [(0, width)], low)
     count, labels, xy = _pixels(weak)
-    at_seam = np.zeros(count, bool)
-    if first:
-        at_seam[labels[0]] = True
-    if last:
-        at_seam[labels[-1]] = True
-    at_seam[0] = False
+    at_seam = _on_rows(count, labels, first, last)
     if not at_seam.any():
         return Pending.none()
     at = xy[:, 1] * width + xy[:, 0]

@@ -155,13 +155,15 @@ class ReadAhead:
             self.thread.join(2)  # a strip still decoding finishes alone (a daemon thread); do not hold up a cancel
 
 
-#: A small image's file is at most this many bytes per pixel (twice 16-bit RGBA's raw samples).
+#: A small image's file is at most this many bytes per pixel (twice 16-bit RGBA's raw samples),
+#: plus `FILE_SLACK_BYTES` (headers, metadata).
 FILE_BYTES_PER_PIXEL = 16
+FILE_SLACK_BYTES = 64 * 1024
 
 
 def file_limit(width: int, height: int) -> int:
-    """Most bytes a file sent whole (`sends_file`) may take, with 64 KiB of slack."""
-    return FILE_BYTES_PER_PIXEL * width * height + 64 * 1024
+    """Most bytes a file sent whole (`sends_file`) may take."""
+    return FILE_BYTES_PER_PIXEL * width * height + FILE_SLACK_BYTES
 
 
 def sends_file(src: Source, params: Params) -> bool:
