@@ -1,5 +1,8 @@
 # One image for workers and Flower (and for submitting from inside the compose network).
-FROM python:3.12-slim
+# The base comes from .env (PYTHON_IMAGE): Docker Hub's python:3.12-slim, or one made locally
+# by deploy/base-images.sh where Docker Hub cannot be reached. It must have `pip` on PATH.
+ARG PYTHON_IMAGE=python:3.12-slim
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app

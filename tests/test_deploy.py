@@ -1,7 +1,7 @@
 """The Docker Compose deployment: what it runs matches what the README and .env.example say.
 
-No Docker engine runs here, so images are not built; `docker compose config` runs where Compose
-is installed, and the structure is checked everywhere.
+The structure is checked everywhere; `docker compose config` where Compose is installed; the stack
+itself is built and run in tests/test_compose_stack.py.
 """
 
 from __future__ import annotations
@@ -45,7 +45,21 @@ def test_workers_scale_and_flower_is_behind_basic_auth() -> None:
     assert worker["environment"]["LUMINAGRID_BROKER_URL"].endswith("@redis:6379/0")
     assert flower["command"][:4] == ["celery", "-A", "luminagrid", "flower"]
     assert any(a.startswith("--basic-auth=${FLOWER_USER") and "${FLOWER_PASSWORD" in a for a in flower["command"])
-    assert flower["ports"] == ["${FLOWER_PORT:-5555}:5555"] and "--port=5555" in flower["command"]
+    # Only this machine reaches Flower unless .env says otherwise.
+    assert flower["ports"] == ["${FLOWER_BIND:-127.0.0.1}:${FLOWER_PORT:-5555}:5555"] and "--port=5555" in flower["command"]
+
+
+def test_images_come_from_env_with_docker_hubs_defaults() -> None:
+    services = compose()["services"]
+    assert services["redis"]["image"] == "${REDIS_IMAGE:-redis:7}"
+    for name in ("worker", "flower"):
+        assert services[name]["build"]["args"]["PYTHON_IMAGE"] == "${PYTHON_IMAGE:-python:3.12-slim}"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "ARG PYTHON_IMAGE=python:3.12-slim\nFROM ${PYTHON_IMAGE}\n" in dockerfile
+    example = dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert (example["PYTHON_IMAGE"], example["REDIS_IMAGE"], example["FLOWER_BIND"]) == (
+        "python:3.12-slim", "redis:7", "127.0.0.1")
 
 
 def test_every_variable_the_compose_file_uses_is_in_env_example_and_the_readme() -> None:

@@ -1,0 +1,253 @@
+"""The Docker Compose deployment, run for real: built, started, killed and restarted.
+
+The stack is the unchanged `docker-compose.yml` and `Dockerfile`, brought up under a project name
+of its own with two workers; the host submits over the published Redis port, as the README says.
+Needs a Docker engine and Compose v2; elsewhere it skips (and under CI=true it fails), saying why.
+Base images come from PYTHON_IMAGE / REDIS_IMAGE (Docker Hub's by default; `.ci/run` makes local
+ones with `deploy/base-images.sh` when Docker Hub does not answer).
+
+    pytest -m compose -s      # only this, with its timings
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import kombu.exceptions
+import numpy as np
+import pytest
+import redis
+from conftest import CLI, REPO, synthetic, wait_for
+from test_operations import OPENCV
+
+import luminagrid
+from luminagrid import ops
+from luminagrid.app import app, use_broker
+
+pytestmark = pytest.mark.compose
+
+TIMEOUT_S = 120
+#: Big enough that a job is still running when a worker is killed or Redis restarts (~3 s of work).
+BUSY_IMAGE = (1600, 2400, 3)
+BUSY_JOB = {"op": "denoise", "params": {"h": 10}, "strips": 8, "codec": "lossless"}
+
+
+def _docker_ready() -> str | None:
+    """None if Docker and Compose v2 answer, else why not."""
+    for command, what in ((["docker", "info"], "no Docker engine answers"),
+                          (["docker", "compose", "version"], "no Docker Compose v2 (`docker compose`)")):
+        try:
+            if subprocess.run(command, capture_output=True, timeout=30).returncode != 0:
+                return what
+        except (OSError, subprocess.TimeoutExpired):
+            return what
+    return None
+
+
+def _image_ready(name: str) -> bool:
+    if subprocess.run(["docker", "image", "inspect", name], capture_output=True).returncode == 0:
+        return True
+    try:
+        return subprocess.run(["docker", "pull", "-q", name], capture_output=True, timeout=90).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    """One compose project: its name, env file, ports and credentials; timings as they are measured."""
+
+    project: str
+    env_file: Path
+    redis_url: str
+    flower_url: str
+    flower_auth: tuple[str, str]
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def compose(self, *args: str, timeout_s: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+        command = ["docker", "compose", "-p", self.project, "--env-file", str(self.env_file), *args]
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+        if check and proc.returncode != 0:
+            pytest.fail(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def timed(self, what: str, *args: str) -> None:
+        started = time.monotonic()
+        self.compose(*args)
+        self.timings_s[what] = time.monotonic() - started
+
+    def workers(self) -> dict[str, str]:
+        """Worker containers: their hostname (as in Celery's node names) -> container id."""
+        ids = self.compose("ps", "-q", "worker").stdout.split()
+        if not ids:
+            return {}
+        out = subprocess.run(["docker", "inspect", "-f", "{{.Config.Hostname}} {{.Id}}", *ids],
+                             capture_output=True, text=True, check=True).stdout
+        return dict(line.split() for line in out.splitlines())
+
+    def answering(self) -> set[str]:
+        """Hostnames of the workers answering a ping (none while this client reconnects to Redis)."""
+        try:
+            replies = app.control.inspect(timeout=1.0).ping() or {}
+        except (OSError, redis.RedisError, kombu.exceptions.OperationalError):
+            return set()
+        return {name.split("@", 1)[1].split("[")[0] for name in replies}
+
+    def flower(self, path: str, auth: bool = True) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.flower_url + path)
+        if auth:
+            request.add_header("Authorization", "Basic " + b64encode(":".join(self.flower_auth).encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def logs(self, service: str) -> str:
+        return self.compose("logs", "--no-color", "--no-log-prefix", service).stdout
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    why = _docker_ready()
+    images = {name: os.environ.get(name, default)
+              for name, default in (("PYTHON_IMAGE", "python:3.12-slim"), ("REDIS_IMAGE", "redis:7"))}
+    if why is None:
+        missing = [image for image in images.values() if not _image_ready(image)]
+        if missing:
+            why = (f"base images {', '.join(missing)} cannot be pulled: make local ones with "
+                   "`sudo deploy/base-images.sh` and set PYTHON_IMAGE / REDIS_IMAGE")
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the deployment test must run in CI, but {why}")
+        pytest.skip(why)
+
+    env_file = tmp_path_factory.mktemp("compose") / "test.env"
+    redis_password, flower_password = secrets.token_hex(12), secrets.token_hex(12)
+    redis_port, flower_port = _free_port(), _free_port()
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in {
+        "REDIS_PASSWORD": redis_password, "FLOWER_USER": "operator", "FLOWER_PASSWORD": flower_password,
+        "FLOWER_BIND": "127.0.0.1", "FLOWER_PORT": flower_port, "REDIS_PORT": redis_port, **images,
+    }.items()))
+    s = Stack(
+        project=f"luminagrid-test-{os.getpid()}",
+        env_file=env_file,
+        redis_url=f"redis://:{redis_password}@127.0.0.1:{redis_port}/0",
+        flower_url=f"http://127.0.0.1:{flower_port}",
+        flower_auth=("operator", flower_password),
+    )
+    previous = app.conf.broker_url
+    try:
+        s.timed("build", "build")
+        s.timed("up -d --scale worker=2", "up", "-d", "--scale", "worker=2")
+        use_broker(s.redis_url)
+        started = time.monotonic()
+        wait_for(lambda: len(s.answering()) == 2, 90, "both worker containers to answer a ping", poll_s=0.5)
+        s.timings_s["workers ready after up"] = time.monotonic() - started
+        yield s
+    finally:
+        try:
+            started = time.monotonic()
+            s.compose("down", "-v", "--remove-orphans", "-t", "10", check=False)
+            s.timings_s["down -v"] = time.monotonic() - started
+        finally:
+            use_broker(previous)
+            line = "compose stack timings: " + ", ".join(f"{what} {t:.1f} s" for what, t in s.timings_s.items())
+            capture = request.config.pluginmanager.getplugin("capturemanager")
+            with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+                print("\n" + line, flush=True)
+
+
+def _reference(image: np.ndarray) -> np.ndarray:
+    return OPENCV[BUSY_JOB["op"]](image, ops.get(BUSY_JOB["op"]).values(BUSY_JOB["params"]))
+
+
+def _running_on(job: luminagrid.Job, hosts: set[str]) -> str | None:
+    """The hostname of a worker container that is computing one of the job's strips, if any."""
+    for place in job.status().places:
+        if place.running and place.worker:
+            host = place.worker.split("@", 1)[-1].split("[")[0]
+            if host in hosts:
+                return host
+    return None
+
+
+def test_a_job_from_the_host_is_exact(stack: Stack, tmp_path: Path) -> None:
+    image = synthetic(7, 900, 1200, 3)
+    cv2.imwrite(str(tmp_path / "photo.png"), image)
+    env = {**os.environ, "LUMINAGRID_BROKER_URL": stack.redis_url}
+    env.pop("LUMINAGRID_RESULT_BACKEND", None)
+    started = time.monotonic()
+    proc = subprocess.run([*CLI, "submit", str(tmp_path / "photo.png"), "--op", "bilateral", "--codec", "lossless",
+                           "--strips", "6", "-o", str(tmp_path / "out.png")],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    stack.timings_s["a 1200x900 bilateral job from the host"] = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    out = cv2.imread(str(tmp_path / "out.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(out, OPENCV["bilateral"](image, ops.get("bilateral").values({})))
+
+
+def test_docker_kill_of_a_worker_mid_job_still_gives_the_exact_output_within_seconds(stack: Stack) -> None:
+    image = synthetic(8, *BUSY_IMAGE)
+    expected = _reference(image)
+    containers = stack.workers()
+    assert len(containers) == 2
+    job = luminagrid.submit(image, **BUSY_JOB)
+    victim = wait_for(lambda: _running_on(job, set(containers)), 60, "a strip running in a worker container")
+    subprocess.run(["docker", "kill", containers[victim]], check=True, capture_output=True)
+    killed = time.monotonic()
+    result = job.wait(TIMEOUT_S)
+    stack.timings_s["docker kill of a worker mid-job -> job done"] = time.monotonic() - killed
+    assert np.array_equal(result.image, expected)
+    # Done by the cluster's supervisor, not by kombu's visibility timeout (an hour).
+    assert time.monotonic() - killed < 60
+    # Bring the killed worker back for the tests that follow.
+    subprocess.run(["docker", "start", containers[victim]], check=True, capture_output=True)
+    wait_for(lambda: len(stack.answering()) == 2, 90, "the killed worker to answer again", poll_s=0.5)
+
+
+def test_compose_restart_of_redis_mid_job_still_gives_the_exact_output(stack: Stack) -> None:
+    image = synthetic(9, *BUSY_IMAGE)
+    expected = _reference(image)
+    job = luminagrid.submit(image, **BUSY_JOB)
+    wait_for(lambda: _running_on(job, set(stack.workers())), 60, "a strip running in a worker container")
+    started = time.monotonic()
+    stack.compose("restart", "redis")
+    stack.timings_s["compose restart redis"] = time.monotonic() - started
+    result = job.wait(TIMEOUT_S)
+    stack.timings_s["redis back -> job done"] = time.monotonic() - started - stack.timings_s["compose restart redis"]
+    assert np.array_equal(result.image, expected)
+    wait_for(lambda: len(stack.answering()) == 2, 60, "both workers to answer after the Redis restart", poll_s=0.5)
+
+
+def test_flower_answers_401_without_its_credentials_and_lists_both_workers_with_them(stack: Stack) -> None:
+    assert stack.flower("/api/workers", auth=False)[0] == 401
+    hosts = set(stack.workers())
+
+    def both_listed() -> bool:
+        code, body = stack.flower("/api/workers?refresh=1")
+        assert code == 200, body[:200]
+        return all(host in body.decode() for host in hosts)
+
+    wait_for(both_listed, 30, "Flower to list both worker containers", poll_s=1.0)
+    assert stack.flower("/api/tasks?limit=5")[0] == 200
