@@ -15,6 +15,7 @@ import functools  # noqa: E402
 import glob  # noqa: E402
 import importlib  # noqa: E402
 import os  # noqa: E402
+import secrets  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -23,7 +24,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional, ParamSpec  # noqa: E
 
 import typer  # noqa: E402
 
+from luminagrid import report  # noqa: E402
 from luminagrid.errors import (  # noqa: E402
+    ConfigError,
     EmbeddedError,
     InputError,
     JobCancelled,
@@ -92,7 +95,12 @@ HELP_CLUSTER = (
     "Run a whole local system in the foreground: a private Redis, N workers and Flower. "
     "Prints the Flower URL and the line a second terminal needs to submit; Ctrl-C stops it all."
 )
-HELP_FLOWER_AUTH = "Protect Flower with basic auth, as user:password."
+HELP_FLOWER_AUTH = ("Flower's basic-auth login, as USER:PASSWORD. Default: user luminagrid with a random "
+                    "password, printed at start.")
+FLOWER_USER = "luminagrid"
+HELP_JSON = ("Print one JSON object per line on stdout (per image, job or worker; fields in the README); "
+             "the usual text goes to stderr.")
+HELP_FORCE = "Overwrite the output file if it exists (else refused)."
 HELP_OUT = "Output file for a single IMAGE (lossless: .png, .tif, .bmp, ...). Default: <stem>.<op>.png beside it."
 HELP_STRIPS = ("Number of horizontal strips. Default: the operation's strip size (Canny 4 MP, others 1-2 MP), at "
                "least 2 (Canny: 1 up to 1 MP); a file of one strip or less goes whole, as its file, to one worker.")
@@ -123,17 +131,34 @@ class _Stderr:
 err = _Stderr()
 
 
-def _stdout(**options: Any) -> Console:
+def _console(**options: Any) -> Console:
+    """A console for the human output: stdout, or stderr under --json (stdout is the JSON's)."""
     from rich.console import Console  # noqa: PLC0415
 
-    return Console(**options)
-state = {"debug": False}
+    return Console(stderr=state["json"], **options)
+
+
+def _say(text: str) -> None:
+    """A line of the human output: on stdout, or on stderr under --json."""
+    typer.echo(text, err=state["json"])
+
+
+state = {"debug": False, "json": False}
 P = ParamSpec("P")
 
 
 @app.callback()
 def main(debug: Annotated[bool, typer.Option(help="Show tracebacks of errors.")] = False) -> None:
     state["debug"] = debug
+    if "--help" in sys.argv[1:]:
+        return
+    try:  # every command: a bad LUMINAGRID_* value is one line, before anything starts
+        Settings.from_env()
+    except ConfigError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def exits(command: Callable[P, None]) -> Callable[P, None]:
@@ -213,9 +238,10 @@ def _say_cancelled(exc: KeyboardInterrupt, source: str) -> None:
                   "submitter's key lapses", markup=False)
 
 
-def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str) -> jobs.JobResult:
+def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str, overwrite: bool = True) -> jobs.JobResult:
     """Wait with a progress bar (on a terminal), write `out` atomically, then drop the job's data.
 
+    Unless `overwrite`, an `out` that exists by then is refused (the job stays collectable).
     Interrupted, it cancels the job (its data is deleted; nothing runs on)."""
     try:  # from the first line: Ctrl-C during an import here must cancel the job too
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
@@ -232,7 +258,7 @@ def _wait_and_write(job: jobs.Job, out: Path, timeout_s: float, label: str) -> j
                 on_notice=lambda text: err.print(f"note: {text}", markup=False),
                 forget=False, fetch=False,  # `result.write` streams a Canny PNG from Redis
             )
-        result.write(out)  # streams where it can (Canny to PNG): the output is never whole in memory
+        result.write(out, overwrite)  # streams where it can (Canny to PNG): the output is never whole in memory
     except JobCancelled:
         raise  # its record stays, so `status` can say so
     except JobFailed:
@@ -275,6 +301,35 @@ def _summary(source: str, job: jobs.Job, out: Path, result: jobs.JobResult, wall
     )
 
 
+def _done(source: str | None, job: jobs.Job, out: Path, result: jobs.JobResult, wall_s: float) -> dict[str, Any]:
+    """`_summary` as a JSON object (`--json`)."""
+    spec = job.spec
+    return report.image(
+        source=source, status=report.DONE, op=spec.op, job_id=job.id, output=str(out), width=job.width,
+        height=job.height, strips=job.strip_count, codec=spec.codec.value, quality=spec.quality,
+        workers=result.workers, recoveries=result.republished, seconds=wall_s,
+    )
+
+
+def _emit_failed(exc: BaseException, source: str | None, params: job_params.Params | None, out: Path | None,
+                 job: jobs.Job | None) -> None:
+    """Under --json, the object of an image (or job) that failed with `exc`: "error" is its message.
+
+    What it computes comes from the job if there is one, else from the command line's `params`."""
+    if not state["json"]:
+        return
+    cancelled = isinstance(exc, (JobCancelled, KeyboardInterrupt))
+    spec = job.spec if job is not None else None
+    what: Any = spec or params
+    report.emit(report.image(
+        source=source, status=report.CANCELLED if cancelled else report.FAILED, op=what.op,
+        job_id=job.id if job is not None else None, output=str(out) if out else None,
+        width=spec.width if spec else None, height=spec.height if spec else None,
+        strips=spec.strips if spec else None, codec=what.codec.value, quality=what.quality,
+        error=str(exc) or (f"cancelled job {job.id}" if job is not None else "cancelled"),
+    ))
+
+
 def _params(op: str, given: list[str], low: float | None, high: float | None, **rest: object) -> job_params.Params:
     """Validated job parameters from the command line (`-p NAME=VALUE`, and Canny's --low/--high)."""
     values: dict[str, str | float] = {}
@@ -291,17 +346,30 @@ def _params(op: str, given: list[str], low: float | None, high: float | None, **
     return job_params.Params(op=op, values=values, **rest).validate()  # type: ignore[arg-type]
 
 
+def _reporter(params: job_params.Params) -> Callable[[batch.Item], None]:
+    """Under --json, emits each image's object once, when it has ended (else does nothing)."""
+    emitted: set[int] = set()
+
+    def emit(item: batch.Item) -> None:
+        if state["json"] and id(item) not in emitted and item.state in ("ok", "failed", "cancelled", "submitted"):
+            emitted.add(id(item))
+            report.emit(report.item(item, params.op, params.codec.value, params.quality))
+
+    return emit
+
+
 def _batch(
     items: list[batch.Item], params: job_params.Params, settings: Settings, timeout_s: float, in_flight: int,
 ) -> None:
-    """Many images: one overall progress bar; notes and errors printed as they come; an interrupt
-    cancels the jobs in flight and says which."""
+    """Many images: one overall progress bar; notes and errors printed as they come (under --json,
+    each image's object as it ends); an interrupt cancels the jobs in flight and says which."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
 
     progress = Progress(
         TextColumn("images"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
     )
+    emit = _reporter(params)
     with progress:
         bar = progress.add_task("", total=len(items))
 
@@ -312,6 +380,7 @@ def _batch(
             if item.state == "failed" and item.error:
                 text = item.error if item.source in item.error else f"{item.source}: {item.error}"
                 err.print(f"error: {text}", markup=False)
+            emit(item)
 
         try:
             batch.run(items, params, settings, in_flight, timeout_s, on_change=changed,
@@ -320,6 +389,7 @@ def _batch(
             for i in items:
                 if i.state == "cancelled":
                     _say_cancelled_job(i.job_id, i.source)
+                emit(i)  # (the images not started get no object)
             raise
 
 
@@ -360,7 +430,9 @@ def submit(
     detach: Annotated[bool, typer.Option("--detach", help=HELP_DETACH)] = False,
     workers: Annotated[int, typer.Option(help=HELP_WORKERS)] = os.cpu_count() or 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help=HELP_VERBOSE)] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=HELP_JSON)] = False,
 ) -> None:
+    state["json"] = as_json
     params = _params(op, param or [], low, high, strips=strips, codec=codec, quality=quality)
     if not 1 <= in_flight <= MAX_JOBS_IN_FLIGHT:
         raise InputError(f"--jobs {in_flight} is out of range; use 1 to {MAX_JOBS_IN_FLIGHT}.")
@@ -385,42 +457,60 @@ def submit(
         _submit_detached(sources, params, settings, out, out_dir, single)
         return
     if single:
-        image = Path(sources[0])
-        target = out or images.default_output(image, params.operation.suffix, out_dir)
-        images.check_output(target, image)
-        timing = stages.Stages()
-        with timing.timed("read"):  # the header (or, where streaming cannot be exact, the whole image)
-            src = source.open_source(image, settings.max_pixels)
-        file, plan = source.plan_for(src, params)
-        if not file:  # decode while Celery and Redis's client are imported (~0.3 s) and Redis is found
-            src.read_ahead(plan, timing)
-        with _broker(settings, embedded, max(1, workers)) as note:
-            try:
-                job = jobs.submit_source(src, params, output=str(target.resolve()), settings=settings, stages=timing)
-            except KeyboardInterrupt as exc:  # while the image was still being read and sent
-                _say_cancelled(exc, image.name)
-                raise
-            del src  # its rows are sent; do not hold a whole-decoded image while waiting
-            result = _wait_and_write(job, target, timeout, image.name)
-        wall_s = time.time() - _process_started()  # from process start to now, embedded cluster stopped
-        typer.echo(_summary(str(image), job, target, result, wall_s))
-        if verbose:
-            _stdout().print(_stage_table(result, wall_s))
-            if timing.note:
-                typer.echo(f"note: {timing.note}")
-        if note:
-            typer.echo(note)
+        _submit_one(Path(sources[0]), params, settings, out or images.default_output(
+            Path(sources[0]), params.operation.suffix, out_dir), timeout, embedded, max(1, workers), verbose)
         return
     items = batch.expand(sources, params.operation.suffix, out_dir)
     # With nothing to submit (every argument failed already), just report: no Redis needed.
     needs_redis = any(i.state == "waiting" for i in items)
     with _broker(settings, embedded, max(1, workers)) if needs_redis else contextlib.nullcontext() as note:
         _batch(items, params, settings, timeout, in_flight)
-    _stdout(width=max(100, _stdout().width)).print(_batch_table(items, time.time() - _process_started()))
+    _console(width=max(100, _console().width)).print(_batch_table(items, time.time() - _process_started()))
     if note:
-        typer.echo(note)
+        _say(note)
     if any(i.state != "ok" for i in items):
         raise typer.Exit(1)
+
+
+def _submit_one(image: Path, params: job_params.Params, settings: Settings, target: Path, timeout_s: float,
+                embedded: bool, workers: int, verbose: bool) -> None:
+    """One image: its errors end the command (under --json, after its object with "error")."""
+    op = params.operation
+    job: jobs.Job | None = None
+    timing = stages.Stages()
+    try:
+        images.check_output(target, image)
+        with timing.timed("read"):  # the header (or, where streaming cannot be exact, the whole image)
+            src = source.open_source(image, settings.max_pixels)
+        images.check_format(target, op.output_channels(src.channels), op.bilevel, op.name)
+        file, plan = source.plan_for(src, params)
+        if not file:  # decode while Celery and Redis's client are imported (~0.3 s) and Redis is found
+            src.read_ahead(plan, timing)
+    except LuminagridError as exc:
+        _emit_failed(exc, str(image), params, target, None)
+        raise
+    with _broker(settings, embedded, workers) as note:
+        try:
+            try:
+                job = jobs.submit_source(src, params, output=str(target.resolve()), settings=settings, stages=timing)
+            except KeyboardInterrupt as exc:  # while the image was still being read and sent
+                _say_cancelled(exc, image.name)
+                raise
+            del src  # its rows are sent; do not hold a whole-decoded image while waiting
+            result = _wait_and_write(job, target, timeout_s, image.name)
+        except (LuminagridError, KeyboardInterrupt) as exc:
+            _emit_failed(exc, str(image), params, target, job)
+            raise
+    wall_s = time.time() - _process_started()  # from process start to now, embedded cluster stopped
+    if state["json"]:
+        report.emit(_done(str(image), job, target, result, wall_s))
+    _say(_summary(str(image), job, target, result, wall_s))
+    if verbose:
+        _console().print(_stage_table(result, wall_s))
+        if timing.note:
+            _say(f"note: {timing.note}")
+    if note:
+        _say(note)
 
 
 def _is_single(args: list[str]) -> bool:
@@ -433,7 +523,8 @@ def _is_single(args: list[str]) -> bool:
 
 def _submit_detached(sources: list[str], params: job_params.Params, settings: Settings, out: Path | None,
                      out_dir: Path | None, single: bool) -> None:
-    """Publish every image and print one line each: `job <id> <image> -> <output>`."""
+    """Publish every image and print one line each: `job <id> <image> -> <output>` (under --json,
+    its object, status "detached")."""
     if single:
         items = [batch.Item(source=sources[0], path=Path(sources[0]),
                             out=out or images.default_output(Path(sources[0]), params.operation.suffix, out_dir))]
@@ -441,11 +532,13 @@ def _submit_detached(sources: list[str], params: job_params.Params, settings: Se
         items = batch.expand(sources, params.operation.suffix, out_dir)
     with _broker(settings, False, 1):
         batch.run(items, params, settings, detach=True)
+    emit = _reporter(params)
     for item in items:
         if item.state == "submitted":
-            typer.echo(_detached_line(item))
+            _say(_detached_line(item))
         else:
             err.print(f"error: {item.error}", markup=False)
+        emit(item)
     if any(i.state != "submitted" for i in items):
         raise typer.Exit(1)
 
@@ -460,7 +553,7 @@ def list_ops() -> None:
         for p in operation.params:
             kind = "odd integer" if p.odd else "integer" if p.kind is int else "number"
             table.add_row("", p.name, f"{p.default:g}", f"{p.lo:g}-{p.hi:g} ({kind})", p.help)
-    _stdout(soft_wrap=True).print(table)
+    _console(soft_wrap=True).print(table)
 
 
 def _ranges(indices: list[int]) -> str:
@@ -498,21 +591,43 @@ def _places(s: Status) -> list[str]:
 
 @app.command(help=HELP_STATUS)
 @exits
-def status(job_id: Annotated[str, typer.Argument(help="The job id that submit printed.")]) -> None:
+def status(
+    job_id: Annotated[str, typer.Argument(help="The job id that submit printed.")],
+    as_json: Annotated[bool, typer.Option("--json", help=HELP_JSON)] = False,
+) -> None:
+    state["json"] = as_json
     _connect()
     s = jobs.Job.find(job_id).status()
-    typer.echo(
+    if as_json:
+        report.emit(report.status(s))
+    _say(
         f"job {s.job_id}: {s.state} | {s.strips_done}/{s.strip_count} strips done, "
         f"{s.strips_started - s.strips_done} running | {s.width}x{s.height} | "
         f"submitted {s.age_s:.0f} s ago | output {s.output or '(not recorded)'}"
     )
     if s.state not in ("done", "cancelled"):
         for line in _places(s):
-            typer.echo(line)
+            _say(line)
     for event in s.events:
-        typer.echo(f"  recovered: {event}")
+        _say(f"  recovered: {event}")
     if s.error:
-        typer.echo(f"error: {s.error}")
+        _say(f"error: {s.error}")
+
+
+def _recorded_output(job: jobs.Job) -> Path:
+    """Where `submit` said the job's output goes, checked as anything read from Redis is."""
+    if not job.output:
+        raise OutputError(f"job {job.id} has no recorded output path; give one with -o.")
+    out = Path(job.output)
+    if not out.is_absolute():  # `submit` records absolute paths
+        raise OutputError(f"job {job.id}'s recorded output path {job.output!r} is not absolute: it was not "
+                          "recorded by `submit`; give the output file with -o.")
+    try:
+        images.check_output(out)
+    except OutputError as exc:
+        detail = str(exc).rstrip(".")
+        raise OutputError(f"job {job.id}'s recorded output path: {detail}; or give another with -o.") from None
+    return out
 
 
 @app.command(help=HELP_RESULT)
@@ -521,17 +636,30 @@ def result(
     job_id: Annotated[str, typer.Argument(help="The job id that submit printed.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file. Default: submit's.")] = None,
     timeout: Annotated[float, typer.Option(help=HELP_TIMEOUT)] = 600.0,
+    force: Annotated[bool, typer.Option("--force", help=HELP_FORCE)] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=HELP_JSON)] = False,
 ) -> None:
+    state["json"] = as_json
     started = time.perf_counter()
     _connect()
     job = jobs.Job.find(job_id)
-    if out is None:
-        if not job.output:
-            raise OutputError(f"job {job_id} has no recorded output path; give one with -o.")
-        out = Path(job.output)
-    images.check_output(out)
-    result = _wait_and_write(job, out, timeout, job_id[:8])
-    typer.echo(_summary(f"job {job_id}", job, out, result, time.perf_counter() - started))
+    op = job.spec.operation
+    try:
+        if out is None:
+            out = _recorded_output(job)
+        else:
+            images.check_output(out)
+        if not force and (out.exists() or out.is_symlink()):
+            raise images.exists_error(out)
+        images.check_format(out, job.spec.channels, op.bilevel, op.name)
+        result = _wait_and_write(job, out, timeout, job_id[:8], overwrite=force)
+    except (LuminagridError, KeyboardInterrupt) as exc:
+        _emit_failed(exc, None, None, out, job)
+        raise
+    wall_s = time.perf_counter() - started
+    if as_json:
+        report.emit(_done(None, job, out, result, wall_s))
+    _say(_summary(f"job {job_id}", job, out, result, wall_s))
 
 
 @app.command(help=HELP_CANCEL)
@@ -563,16 +691,35 @@ def cancel(job_ids: Annotated[list[str], typer.Argument(metavar="JOB...", help="
 
 @app.command(help=HELP_WORKERS_CMD)
 @exits
-def workers(timeout: Annotated[float, typer.Option(help="Seconds to wait for answers.")] = 2.0) -> None:
+def workers(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for answers.")] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help=HELP_JSON)] = False,
+) -> None:
+    state["json"] = as_json
     _connect()
     nodes = monitor.list_workers(timeout)
     from rich.table import Table  # noqa: PLC0415
 
     table = Table("worker", "host", "liveness", "pool", "active strips", "processed")
     for w in nodes:
+        if as_json:
+            report.emit(report.worker(w))
         table.add_row(w.name, w.host, w.liveness, str(w.pool_processes) if w.pool_processes else "",
                       str(w.active_strips), str(w.processed) if w.online else "")
-    _stdout(soft_wrap=True).print(table)
+    _console(soft_wrap=True).print(table)
+
+
+def _flower_login(given: str | None) -> str:
+    """`--flower-auth` checked (never echoed: it holds a password), or a new random login."""
+    if given is None:
+        return f"{FLOWER_USER}:{secrets.token_urlsafe(12)}"
+    user, sep, password = given.partition(":")
+    if not (sep and user.strip() and password) or "," in given:
+        shown = f"{user}:***" if sep else "(no ':' in it)"
+        raise ConfigError(f"--flower-auth (or LUMINAGRID_FLOWER_AUTH) {shown} is not USER:PASSWORD, both "
+                          "non-empty and without commas; write e.g. --flower-auth admin:SECRET, or leave it out "
+                          "for a random password.")
+    return given
 
 
 @app.command(help=HELP_CLUSTER)
@@ -584,13 +731,21 @@ def cluster(
         Optional[str], typer.Option(help=HELP_FLOWER_AUTH, envvar="LUMINAGRID_FLOWER_AUTH")
     ] = None,
 ) -> None:
-    with local.LocalCluster(workers=max(1, workers), concurrency=1) as c:
+    login = _flower_login(flower_auth)
+    user, _, password = login.partition(":")
+    # AOF: queued jobs survive a restart of its Redis (files in the cluster's folder, for its lifetime).
+    with local.LocalCluster(workers=max(1, workers), concurrency=1, appendonly=True) as c:
         assert c.folder is not None
-        flower = local.LocalFlower(c.url, flower_port, flower_auth, log_path=c.folder / "flower.log").start()
+        flower = local.LocalFlower(c.url, flower_port, login, log_path=c.folder / "flower.log").start()
         try:
             typer.echo(f"luminagrid cluster: Redis at {c.url}, {len(c.nodes)} worker(s), Flower at {flower.url}/")
             typer.echo(f"In another terminal:  export LUMINAGRID_BROKER_URL={c.url}")
             typer.echo("then:                 python cli.py submit IMAGE")
+            if flower_auth is None:
+                typer.echo(f"Flower login:         user {user}, password {password} (made for this run; "
+                           "choose one with --flower-auth USER:PASSWORD)")
+            else:
+                typer.echo(f"Flower login:         user {user}, the password given with --flower-auth")
             typer.echo("Ctrl-C stops everything.", err=False)
             while not (gone := c.dead() + (["flower"] if flower.proc and flower.proc.poll() is not None else [])):
                 time.sleep(0.5)

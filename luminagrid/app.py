@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+from pathlib import Path
 
 import cv2
 import kombu.pools
@@ -12,7 +14,25 @@ from celery.signals import task_received, worker_process_init, worker_ready, wor
 from luminagrid import workarounds
 from luminagrid.backend import backend_url
 from luminagrid.broker import tls_options
+from luminagrid.errors import ConfigError
+from luminagrid.settings import Settings
 
+
+def _check_settings() -> None:
+    """A bad LUMINAGRID_* value: under the `celery` command (worker, flower), one line on stderr and
+    exit code 1, instead of the traceback Celery prints for an app that fails to load. Elsewhere
+    (`cli.py`, a Python program) the `ConfigError` is raised, for the caller to report."""
+    try:
+        Settings.from_env()
+    except ConfigError as exc:
+        main = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if Path(sys.argv[0]).name != "celery" and not (main and main.name.startswith("celery")):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+_check_settings()
 workarounds.apply()
 
 app = Celery("luminagrid", include=["luminagrid.tasks"])

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from luminagrid import images, jobs, ops
+from luminagrid import images, jobs, ops, source
 from luminagrid.errors import JobCancelled, JobFailed, LuminagridError
 from luminagrid.settings import MAX_JOBS_IN_FLIGHT, Settings
 
@@ -43,9 +43,12 @@ class Item:
     error: str | None = None
     width: int = 0
     height: int = 0
+    strips: int = 0
     seconds: float = 0.0
     job_id: str | None = None
     workers: dict[str, int] = field(default_factory=dict)
+    #: the supervisor's recoveries for its job
+    recoveries: int = 0
 
     def fail(self, error: str) -> None:
         self.state, self.error = "failed", error
@@ -173,8 +176,11 @@ def _submit(item: Item, params: jobs.Params, settings: Settings) -> jobs.Job | N
     try:
         assert item.path is not None and item.out is not None
         images.check_output(item.out, item.path)
-        job = jobs.submit_file(item.path, params, output=str(item.out.resolve()), settings=settings)
-        item.height, item.width = job.height, job.width
+        src = source.open_source(item.path, settings.max_pixels)
+        op = params.operation
+        images.check_format(item.out, op.output_channels(src.channels), op.bilevel, op.name)
+        job = jobs.submit_source(src, params, output=str(item.out.resolve()), settings=settings)
+        item.height, item.width, item.strips = job.height, job.width, job.strip_count
     except LuminagridError as exc:
         item.fail(str(exc))
         return None
@@ -216,7 +222,7 @@ def _run(
                         result = flight.waiter.step()
                         if result is not None:
                             flight.writing = writer.submit(result.write, flight.item.out)  # type: ignore[arg-type]
-                            flight.item.workers = result.workers
+                            flight.item.workers, flight.item.recoveries = result.workers, result.republished
                             busy = True
                         continue
                     if not flight.writing.done():

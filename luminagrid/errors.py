@@ -22,6 +22,10 @@ class OutputError(LuminagridError):
     """The output file cannot be written."""
 
 
+class OutputExists(OutputError):
+    """The output file exists already, and overwriting it was not asked for (`result --force`)."""
+
+
 class BrokerUnreachable(LuminagridError):
     """No Redis answers at the configured URL."""
 

@@ -13,10 +13,15 @@ from typing import BinaryIO
 import cv2
 import numpy as np
 
-from luminagrid.errors import InputError, OutputError
+from luminagrid.errors import InputError, OutputError, OutputExists
 
 #: Output formats that keep an edge map exact (JPEG would smear it).
 LOSSLESS_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".pgm", ".pbm", ".webp")
+#: Formats that hold one gray channel only; `.pbm` holds 1 bit per pixel (black or white).
+GRAY_ONLY_SUFFIXES = (".pgm", ".pbm")
+BILEVEL_SUFFIXES = (".pbm",)
+#: Sample types luminagrid reads (OpenCV decodes some TIFFs to float32, float64 or int32).
+SAMPLE_TYPES = (np.uint8, np.uint16)
 
 
 def check_readable(path: Path) -> None:
@@ -61,7 +66,18 @@ def read_image(path: Path, max_pixels: int) -> np.ndarray:
     if "Premature end of JPEG file" in said:
         raise InputError(f"{path}: the JPEG is truncated ({said}); use a complete file.")
     check_pixels(image, max_pixels, str(path))
+    check_samples(image, str(path))
     return image
+
+
+def check_samples(image: np.ndarray, name: str) -> None:
+    """Raise `InputError` unless `image` has 8- or 16-bit unsigned samples (what the operations take)."""
+    if image.dtype.type not in SAMPLE_TYPES:
+        kind = "floating-point" if image.dtype.kind == "f" else "integer" if image.dtype.kind in "iu" else "other"
+        raise InputError(
+            f"{name}: its samples are {image.dtype} ({kind}); luminagrid reads 8- and 16-bit images "
+            "(uint8, uint16): convert it, e.g. to a 16-bit PNG or TIFF."
+        )
 
 
 @contextlib.contextmanager
@@ -154,15 +170,54 @@ def check_output(out: Path, input_path: Path | None = None) -> None:
         raise OutputError(f"{parent}: output folder is not writable; choose another -o.")
 
 
-def write_image_atomic(out: Path, image: np.ndarray) -> None:
-    """Encode by `out`'s suffix and write via a temp file + rename: never a partial file."""
+def check_format(out: Path, channels: int, bilevel: bool, op: str) -> None:
+    """Fail before any work if `out`'s format cannot hold the output exactly: `channels` (1 gray,
+    3 colour) of it, `bilevel` if its pixels are only 0 and 255 (Canny's), made by `op`."""
+    suffix = out.suffix.lower()
+    if suffix in GRAY_ONLY_SUFFIXES and channels != 1:
+        raise OutputError(
+            f"{out}: {suffix} holds gray images only, but --op {op} on a colour image gives colour; "
+            "use .png or .tif (or a gray input)."
+        )
+    if suffix in BILEVEL_SUFFIXES and not bilevel:
+        raise OutputError(
+            f"{out}: {suffix} holds 1 bit per pixel (black or white), but --op {op} gives gray levels, "
+            "which it would round off; use .png, .tif or .pgm."
+        )
+
+
+def write_image_atomic(out: Path, image: np.ndarray, overwrite: bool = True) -> None:
+    """Encode by `out`'s suffix and write via a temp file + rename: never a partial file.
+
+    Unless `overwrite`, raise `OutputExists` rather than replace an existing `out`."""
     ok, buf = cv2.imencode(out.suffix.lower(), image)
     if not ok:
         raise OutputError(f"{out}: OpenCV could not encode the result as {out.suffix}.")
-    _atomic(out, lambda f: f.write(buf.data))
+    _atomic(out, lambda f: f.write(buf.data), overwrite)
 
 
-def _atomic(out: Path, write: Callable[[BinaryIO], object]) -> None:
+def exists_error(out: Path) -> OutputExists:
+    return OutputExists(f"{out} exists already; pass --force to overwrite it, or choose another path with -o.")
+
+
+def _place(tmp: str, out: Path, overwrite: bool) -> None:
+    """Rename `tmp` to `out`; unless `overwrite`, never over a file (even one made meanwhile)."""
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)  # fails if `out` exists, atomically
+    except FileExistsError:
+        raise exists_error(out) from None
+    except OSError:  # a file system without hard links
+        if out.exists():
+            raise exists_error(out) from None
+        os.replace(tmp, out)
+        return
+    os.unlink(tmp)
+
+
+def _atomic(out: Path, write: Callable[[BinaryIO], object], overwrite: bool = True) -> None:
     """Run `write` on a temp file beside `out`, then rename it to `out`; on any error, remove it."""
     parent = out.parent if str(out.parent) else Path(".")
     try:
@@ -173,7 +228,7 @@ def _atomic(out: Path, write: Callable[[BinaryIO], object]) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
-        os.replace(tmp, out)
+        _place(tmp, out, overwrite)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise OutputError(f"{out}: could not write ({exc.strerror}); choose another -o.") from None
@@ -182,7 +237,8 @@ def _atomic(out: Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
-def write_bilevel_png_atomic(out: Path, rows: Iterator[np.ndarray], width: int, height: int) -> None:
+def write_bilevel_png_atomic(out: Path, rows: Iterator[np.ndarray], width: int, height: int,
+                             overwrite: bool = True) -> None:
     """Write a 1-bit gray PNG (reads back as 0/255) from blocks of packed rows (np.packbits
     layout: MSB first, a set bit is white), as they come: the image is never whole in memory.
 
@@ -195,7 +251,7 @@ def write_bilevel_png_atomic(out: Path, rows: Iterator[np.ndarray], width: int, 
             yield from (row.tobytes() for row in block)
 
     writer = png.Writer(width, height, greyscale=True, bitdepth=1, compression=1)
-    _atomic(out, lambda f: writer.write_packed(f, packed_rows()))
+    _atomic(out, lambda f: writer.write_packed(f, packed_rows()), overwrite)
 
 
 def _umask() -> int:

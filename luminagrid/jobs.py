@@ -99,20 +99,23 @@ class JobResult:
         """The output under Canny's name (kept for callers written before other operations)."""
         return self.image
 
-    def write(self, out: Path) -> None:
-        """Write the output to `out` atomically (a temp file, then a rename)."""
+    def write(self, out: Path, overwrite: bool = True) -> None:
+        """Write the output to `out` atomically (a temp file, then a rename); unless `overwrite`,
+        raise `OutputExists` rather than replace a file. Raise `OutputError` first if `out`'s
+        format cannot hold the output (colour in `.pgm`, gray levels in `.pbm`)."""
         assert self.spec is not None
         spec, op = self.spec, self.spec.operation
+        images.check_format(out, spec.channels, op.bilevel, op.name)
         streamable = self._image is None and out.suffix.lower() == ".png" and hasattr(op, "packed_rows")
         if not streamable:
             image = self.image
             with self.stages.timed("write"):
-                images.write_image_atomic(out, image)
+                images.write_image_atomic(out, image, overwrite)
             return
         with self.stages.timed("write"):  # fetching each strip's edges as its rows are written
             try:
                 images.write_bilevel_png_atomic(out, op.packed_rows(self._fetched(lazily=True), spec.width),
-                                                spec.width, spec.height)
+                                                spec.width, spec.height, overwrite)
             except (MessageError, codec.CodecError) as exc:  # a claim gone (expired, lost in a crash), a bad field
                 raise JobFailed(f"job {self.job_id} finished but its output cannot be read: {exc}; "
                                 "submit the image again") from None

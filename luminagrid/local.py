@@ -198,7 +198,11 @@ class LocalWorker:
 
 @dataclass
 class LocalFlower:
-    """`celery -A luminagrid flower` on 127.0.0.1:`port`, with basic auth if `auth` ("user:password")."""
+    """`celery -A luminagrid flower` on 127.0.0.1:`port`, with basic auth if `auth` ("user:password").
+
+    Without `auth` its API (`/api/...`) answers 401 to everyone: Flower's API can shut down workers
+    and revoke tasks. The credentials go to Flower in its environment, not on its command line,
+    which every local user can read (`ps`)."""
 
     broker_url: str
     port: int = 5555
@@ -214,10 +218,9 @@ class LocalFlower:
         env = celery_env(self.broker_url)
         args = [sys.executable, "-m", "celery", "-A", "luminagrid", "flower",
                 f"--port={self.port}", "--address=127.0.0.1"]
+        env.pop("FLOWER_UNAUTHENTICATED_API", None)
         if self.auth:
-            args.append(f"--basic-auth={self.auth}")
-        else:
-            env["FLOWER_UNAUTHENTICATED_API"] = "true"  # loopback only: let the API answer
+            env["FLOWER_BASIC_AUTH"] = self.auth
         self.proc = spawn(args, self.log_path, env)
         wait_until_ready(self.proc, self._healthy, f"Flower on port {self.port}", self.log_path, poll_s=0.1)
         return self

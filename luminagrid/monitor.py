@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from luminagrid import broker, liveness, record
 from luminagrid.app import app
@@ -27,6 +28,10 @@ class WorkerInfo:
     online: bool = True
     #: e.g. "beat 0.3 s ago", or "lost: last beat 12 s ago" (from `liveness`)
     liveness: str = "no record"
+    #: its liveness record is fresh (None: it has none)
+    alive: bool | None = None
+    #: seconds since its last beat (None: unknown)
+    beat_age_s: float | None = None
 
 
 def _liveness_text(node: liveness.Node | None) -> str:
@@ -34,6 +39,13 @@ def _liveness_text(node: liveness.Node | None) -> str:
         return "no record"
     age = f"{node.age_s:.1f} s ago" if node.age_s is not None else "unknown"
     return f"beat {age}" if node.alive else f"lost: last beat {age}"
+
+
+def _beat(node: liveness.Node | None) -> dict[str, Any]:
+    """A worker's liveness fields of `WorkerInfo`."""
+    if node is None:
+        return {"liveness": _liveness_text(None)}
+    return {"liveness": _liveness_text(node), "alive": node.alive, "beat_age_s": node.age_s}
 
 
 def list_workers(timeout_s: float = 2.0) -> list[WorkerInfo]:
@@ -57,7 +69,7 @@ def list_workers(timeout_s: float = 2.0) -> list[WorkerInfo]:
             pool_processes=int(info.get("pool", {}).get("max-concurrency", 0)),
             active_strips=sum(1 for t in active.get(name, []) if t.get("name") == run_strip.name),
             processed=sum(int(n) for n in info.get("total", {}).values()),
-            liveness=_liveness_text(nodes.get(name)),
+            **_beat(nodes.get(name)),
         )
         for name, info in sorted(stats.items())
     ]
@@ -66,6 +78,6 @@ def list_workers(timeout_s: float = 2.0) -> list[WorkerInfo]:
             out.append(WorkerInfo(
                 name=node.id, host=name.split("@", 1)[-1], pool_processes=0,
                 active_strips=sum(1 for h in node.holds if h.state == "running" and ".strip" in h.task_id),
-                processed=0, online=False, liveness=_liveness_text(node),
+                processed=0, online=False, **_beat(node),
             ))
     return out

@@ -15,6 +15,7 @@ Whether a job is done or failed is its stitch task's result, not a state here.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -37,6 +38,7 @@ from luminagrid.settings import (
 )
 
 PUBLISHING, RUNNING, CANCELLED = "publishing", "running", "cancelled"
+STATES = (PUBLISHING, RUNNING, CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ class Record:
 
     @property
     def stitch_label(self) -> str:
-        return f"job {self.id[:8]} {self.spec.op} stitch {self.spec.strips} strips"
+        n = self.spec.strips
+        return f"job {self.id[:8]} {self.spec.op} stitch {n} strip{'s' if n != 1 else ''}"
 
     # --- storage ----------------------------------------------------------------------------------
 
@@ -83,14 +86,35 @@ class Record:
                            "state": self.state})
 
     @classmethod
-    def from_json(cls, raw: bytes | str, max_pixels: int) -> Record:
-        """A record as stored; raise `MessageError` if it is not one (corrupt, or not ours)."""
+    def from_json(cls, raw: bytes | str, max_pixels: int, what: str = "a job record in Redis") -> Record:
+        """A record as stored, every field checked as a message's; raise `MessageError` naming
+        the bad field if it is not one (corrupt, forged, or not ours). `what` names it there."""
+        try:
+            return cls._parse(raw, max_pixels)
+        except MessageError as exc:
+            detail = str(exc).rstrip(".")
+            raise MessageError(f"{what} is malformed: {detail}; delete it (or let it expire) and submit the image "
+                               "again") from None
+
+    @classmethod
+    def _parse(cls, raw: bytes | str, max_pixels: int) -> Record:
         try:
             data = json.loads(raw)
-            return cls(spec=messages.parse_job(data, max_pixels), output=data.get("output"),
-                       submitted_at=float(data["submitted_at"]), state=str(data.get("state", RUNNING)))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise MessageError(f"a job record in Redis is corrupt ({exc!r}); delete it or let it expire") from None
+        except (ValueError, TypeError) as exc:  # (UnicodeDecodeError is a ValueError)
+            raise MessageError(f"it is not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise MessageError(f"it is a JSON {type(data).__name__}, not an object")
+        spec = messages.parse_job(data, max_pixels)
+        output = data.get("output")
+        if output is not None and (not isinstance(output, str) or not output or "\0" in output):
+            raise MessageError(f"field 'output' = {output!r} is not a file path")
+        submitted_at: Any = data.get("submitted_at")
+        if type(submitted_at) not in (int, float) or not math.isfinite(submitted_at):
+            raise MessageError(f"field 'submitted_at' = {submitted_at!r} is not a time (seconds since 1970)")
+        state = data.get("state", RUNNING)
+        if state not in STATES:
+            raise MessageError(f"field 'state' = {state!r} is not one of {', '.join(STATES)}")
+        return cls(spec=spec, output=output, submitted_at=float(submitted_at), state=state)
 
     def save(self, ttl_s: int, pipe: redis.client.Pipeline | None = None) -> None:
         """Write the record and the job's place among the active jobs (in `pipe` if given)."""
@@ -154,7 +178,12 @@ def load(job_id: str, max_pixels: int) -> Record:
             f"no job {job_id!r} in Redis at {broker.redacted(app.conf.broker_url)}: it was never "
             "submitted there, was already collected, or expired; check the id and LUMINAGRID_BROKER_URL."
         )
-    return Record.from_json(raw, max_pixels)
+    what = f"the record of job {job_id!r} in Redis ({key(job_id)})"
+    found = Record.from_json(raw, max_pixels, what)
+    if found.id != job_id:
+        raise MessageError(f"{what} is malformed: it describes job {found.id!r}; delete it (or let it expire) "
+                           "and submit the image again")
+    return found
 
 
 def progress(job_id: str, db: redis.Redis | None = None) -> dict[int, str]:

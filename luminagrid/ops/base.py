@@ -4,6 +4,7 @@ An operation is a small object (one module under `luminagrid/ops/`) that says:
 - `params`: typed, bounded parameters (`Param`), filled with defaults and validated by `values`;
 - `halo_rows(values)`: the rows beyond its own that a strip needs for an exact result;
 - `colour`: whether it computes on BGR when the input has colour (else on 8-bit gray);
+- `bilevel`: whether its output pixels are only 0 and 255 (then 1-bit formats hold it exactly);
 - `stitch_fields`: the fields of strip results the stitch reads (Canny's seam pass needs its
   pending pixels and the rows beside each seam); any other claimed field it only checks.
 
@@ -73,6 +74,8 @@ class Operation:
     summary: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
     colour: ClassVar[bool] = True
+    #: its output pixels are only 0 and 255 (a 1-bit `.pbm` holds it exactly)
+    bilevel: ClassVar[bool] = False
     #: fields of strip results the stitch fetches; the rest it only checks are there (claims)
     stitch_fields: ClassVar[tuple[str, ...]] = ()
     #: output file name: `<stem>.<suffix>.png`
@@ -106,6 +109,10 @@ class Operation:
         raise NotImplementedError
 
     # --- the pure core ----------------------------------------------------------------------------
+
+    def output_channels(self, channels: int) -> int:
+        """Channels of the output for an input of `channels` (1 gray, 3 colour)."""
+        return channels if self.colour else 1
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """The 8-bit array this operation computes on: (H, W) gray, or (H, W, 3) BGR if `colour`."""

@@ -24,6 +24,7 @@ class Canny(Operation):
         Param("high", float, 200.0, 0, canny.MAX_THRESHOLD, "hysteresis high threshold (>= low)"),
     )
     colour = False
+    bilevel = True
     suffix = "edges"
     # Tall strips: the seam work (`canny.seam_bands`) is a band of rows per seam, so it costs
     # less per pixel the taller the strip (bench/canny_strip.py: 1.9x cv2.Canny at 128 rows, 1.3x
