@@ -18,11 +18,13 @@ from luminagrid.errors import LuminagridError
 from luminagrid.settings import Settings as _Settings
 
 # OpenCV reads its decode limit once, when cv2 is first imported: refuse images whose header
-# declares more pixels than ours before a byte of them is decoded (decompression bombs).
+# declares more pixels than ours before a byte of them is decoded (decompression bombs). Every
+# entry point passes here first: `import luminagrid.<module>`, `celery -A luminagrid`, cli.py.
 try:
-    _os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(_Settings.from_env().max_pixels))
-except _ConfigError:
-    pass  # reported properly where settings are read
+    _max_pixels = _Settings.from_env().max_pixels
+except _ConfigError:  # reported properly where settings are read; meanwhile the default limit holds
+    _max_pixels = _Settings.max_pixels
+_os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(_max_pixels))
 
 _LATER = {"app": "luminagrid.app", "Job": "luminagrid.jobs", "JobResult": "luminagrid.jobs", "submit": "luminagrid.jobs"}
 

@@ -48,10 +48,54 @@ def encode_strip(pixels: np.ndarray, codec: Codec, quality: int) -> bytes:
     return lz4.frame.compress(np.ascontiguousarray(pixels).data)
 
 
+#: JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic...): each carries the
+#: frame's precision, height, width and component count. Not 0xC4 (DHT), 0xC8 (JPG), 0xCC (DAC).
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+#: Markers without a length field: TEM and the restart markers RST0-RST7.
+_BARE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int]:
+    """(height, width, components) a JPEG's frame header (SOF) declares, read from its markers
+    alone, so a decoder never allocates for a size nobody checked. Raises `CodecError` if `data`
+    is not a JPEG or its header ends before the frame does."""
+    if data[:2] != b"\xff\xd8":
+        raise CodecError("JPEG strip does not start with a JPEG marker (SOI)")
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            raise CodecError(f"JPEG strip has no marker at byte {at}")
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+            continue
+        if marker in _BARE_MARKERS:
+            at += 2
+            continue
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker in _SOF_MARKERS:
+            if length < 8 or at + 10 > len(data):
+                raise CodecError("JPEG strip's frame header is truncated")
+            height = int.from_bytes(data[at + 5 : at + 7], "big")
+            width = int.from_bytes(data[at + 7 : at + 9], "big")
+            return height, width, data[at + 9]
+        if marker in (0xD9, 0xDA) or length < 2:  # end of image, start of scan: no frame header came
+            break
+        at += 2 + length
+    raise CodecError("JPEG strip has no frame header (SOF) before its image data")
+
+
 def decode_strip(data: bytes, codec: Codec, rows: int, width: int, channels: int = 1) -> np.ndarray:
-    """Decode to a uint8 array of `shape_of(rows, width, channels)`, checking the declared shape."""
+    """Decode to a uint8 array of `shape_of(rows, width, channels)`, checking the declared shape.
+
+    A JPEG's header is compared with the shape first: a forged strip of 64 KB declaring
+    15000x15000 would otherwise make OpenCV allocate 675 MB before its shape could be checked."""
     shape = shape_of(rows, width, channels)
     if codec is Codec.jpeg:
+        declared = jpeg_frame(data)
+        if declared != (rows, width, channels):
+            raise CodecError(f"JPEG strip declares {declared[1]}x{declared[0]} pixels with {declared[2]} component(s), "
+                             f"expected {width}x{rows} with {channels}")
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if pixels is None or pixels.dtype != np.uint8 or pixels.shape != shape:
             got = None if pixels is None else (pixels.shape, str(pixels.dtype))

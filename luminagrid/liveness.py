@@ -110,7 +110,9 @@ class Beat(threading.Thread):
         self.client, self.hostname, self.ttl_s = client, hostname, ttl_s
         self.id = node_id(hostname)
         self.seq = 0
-        self._stop = threading.Event()
+        # Not `_stop`: that is a method of `threading.Thread`, which `join()` calls once the thread
+        # has ended (an Event there made every worker shutdown log a TypeError traceback).
+        self._stopping = threading.Event()
         self._poked = threading.Event()
         self._warned = False
 
@@ -135,8 +137,8 @@ class Beat(threading.Thread):
             self._poked.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
             if self._poked.is_set():
                 self._poked.clear()
-                self._stop.wait(POKE_S)
-            if self._stop.is_set():
+                self._stopping.wait(POKE_S)
+            if self._stopping.is_set():
                 return
 
     def beat(self, holds: Iterable[Hold] | None) -> None:
@@ -160,7 +162,7 @@ class Beat(threading.Thread):
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Stop beating and say so at once (a clean shutdown is not a lost node)."""
-        self._stop.set()
+        self._stopping.set()
         self._poked.set()
         self.join(timeout_s)
         try:

@@ -182,7 +182,9 @@ class Supervisor(threading.Thread):
         self._same_redis = settings.result_backend == settings.broker_url
         self._lease = self.db.register_script(_LEASE_LUA)
         self._release = self.db.register_script(_RELEASE_LUA)
-        self._stop = threading.Event()
+        # Not `_stop`: that is a method of `threading.Thread`, which `join()` calls once the thread
+        # has ended (an Event there made every worker shutdown log a TypeError traceback).
+        self._stopping = threading.Event()
         self._last_error = ""
         self.leading = False
         self.renewed_at = -math.inf
@@ -221,7 +223,7 @@ class Supervisor(threading.Thread):
     # --- the thread -------------------------------------------------------------------------------
 
     def run(self) -> None:
-        while not self._stop.wait(self.beat_s):
+        while not self._stopping.wait(self.beat_s):
             try:
                 self.tick()
                 self._last_error = ""
@@ -239,7 +241,7 @@ class Supervisor(threading.Thread):
             self._last_error = text
 
     def stop(self, timeout_s: float = 2.0) -> None:
-        self._stop.set()
+        self._stopping.set()
         self.join(timeout_s)
         if self.leading:
             try:

@@ -97,6 +97,119 @@ def _reconnect_within_a_second() -> None:
     connection.ensure_connection = ensure_connection
 
 
+def _consumer_steps_close_without_a_connection() -> None:
+    """Restart Celery's gossip step cleanly after a lost broker connection (Celery 5.7, kombu 5.7).
+
+    On a connection error Celery's consumer sets `c.connection = None` (after `collect()`, in
+    `Consumer.on_connection_error_after_connected`) and then restarts its bootsteps. The gossip
+    step (`celery.worker.consumer.gossip.Gossip`, a `bootsteps.ConsumerStep`) closes its channel
+    with `ignore_errors(c.connection, channel.close)`: the close fails (Redis is down), and kombu's
+    `_ignore_errors(conn)` evaluates `conn.connection_errors` on that None, so the worker logs
+    "Error on restarting Gossip: AttributeError("'NoneType' object has no attribute
+    'connection_errors'")" with three chained tracebacks. Gossip is on by default (the compose
+    file's workers run with it; `local.LocalWorker` passes `--without-gossip`). Reproduced by
+    tests/test_crash.py::test_a_redis_restart_under_busy_workers_leaves_no_traceback_in_their_logs:
+    a worker with gossip, Redis stopped or killed while it computes strips, on every restart.
+
+    The other consumer steps pass the consumer itself, which keeps the transport's error
+    classes (`c.connection_errors`, `c.channel_errors`) across reconnects: do the same here.
+    """
+    from celery import bootsteps  # noqa: PLC0415
+    from kombu.common import ignore_errors  # noqa: PLC0415
+
+    step = bootsteps.ConsumerStep
+    if getattr(step._close, "_luminagrid_fixed", False):
+        return
+
+    def _close(self: Any, c: Any, cancel_consumers: bool = True) -> None:
+        channels = set()
+        for consumer in self.consumers or []:
+            if cancel_consumers:
+                ignore_errors(c, consumer.cancel)
+            if consumer.channel:
+                channels.add(consumer.channel)
+        for channel in channels:
+            ignore_errors(c, channel.close)
+
+    _close._luminagrid_fixed = True  # type: ignore[attr-defined]
+    step._close = _close
+
+
+def _a_lost_ack_is_one_line() -> None:
+    """Log an acknowledgement lost with the broker connection as one warning, not a CRITICAL
+    traceback (kombu 5.7).
+
+    With acks late, a strip that finishes while Redis restarts cannot acknowledge its message:
+    kombu logs "Couldn't ack '<tag>', reason:network:ConnectionError" at CRITICAL with a
+    traceback (`Message.ack_log_error`), 1-3 times per restart under busy workers (same test as
+    above). Nothing is lost: the message stays in Redis's `unacked` hash and the supervisor
+    drops it (its task is done) or restores it. Say that in one line; any other error keeps
+    kombu's report.
+    """
+    import redis  # noqa: PLC0415
+    from kombu.message import Message  # noqa: PLC0415
+
+    if getattr(Message.ack_log_error, "_luminagrid_fixed", False):
+        return
+    lost = (redis.ConnectionError, redis.TimeoutError)
+    after = "the message stays unacknowledged in Redis, and the supervisor drops it if its task is done, else restores it"
+
+    # Named as kombu's: Celery's prefork pool recognises these callbacks by name (`_is_ack_callback`).
+    def ack_log_error(self: Any, logger: Any, errors: Any, multiple: bool = False) -> None:
+        try:
+            self.ack(multiple=multiple)
+        except BrokenPipeError as exc:
+            logger.critical("Couldn't ack %r, reason:%r", self.delivery_tag, exc, exc_info=True)
+            raise
+        except lost as exc:
+            logger.warning("Couldn't ack %r: the broker connection is lost (%s); %s", self.delivery_tag, exc, after)
+        except errors as exc:
+            logger.critical("Couldn't ack %r, reason:%r", self.delivery_tag, exc, exc_info=True)
+
+    def reject_log_error(self: Any, logger: Any, errors: Any, requeue: bool = False) -> None:
+        try:
+            self.reject(requeue=requeue)
+        except lost as exc:
+            logger.warning("Couldn't reject %r: the broker connection is lost (%s); %s", self.delivery_tag, exc, after)
+        except errors as exc:
+            logger.critical("Couldn't reject %r, reason: %r", self.delivery_tag, exc, exc_info=True)
+
+    for fixed in (ack_log_error, reject_log_error):
+        fixed._luminagrid_fixed = True  # type: ignore[attr-defined]
+        setattr(Message, fixed.__name__, fixed)
+
+
+def _results_shown_by_their_summary() -> None:
+    """Show a task result in the worker's log and in Flower as its `summary`, not its bytes (Celery 5.7).
+
+    At `--loglevel INFO` Celery logs "Task <name>[<id>] succeeded in <s>s: <result>" with the result
+    as `saferepr(result, resultrepr_maxsize)` (`celery.app.trace`), and sends the same string as the
+    `result` of the task-succeeded event, which Flower shows. luminagrid's results are bytes (edge
+    bit maps, pixels): each such line carried up to 1024 characters of hex per strip and per
+    stitch. A subclass of dict with its own `__repr__` does not help: `saferepr` walks every dict.
+    So a result that is a dict with a str `summary` field (`tasks.run_strip`, `tasks.stitch`: "job
+    5f3a87b2 canny strip 3/9 rows 480-720: 0.04 s, 41 KB out, claim") is shown as that summary,
+    both there and where a worker reports a result stored before its pool process was lost
+    (`celery.worker.request`). Checked by tests/test_monitoring.py (the worker's INFO log, Flower).
+    """
+    from celery.app import trace  # noqa: PLC0415
+    from celery.worker import request  # noqa: PLC0415
+
+    for module in (trace, request):
+        original = module.saferepr
+        if getattr(original, "_luminagrid_fixed", False):
+            continue
+
+        def saferepr(o: Any, maxlen: int | None = None, *args: Any, _original: Any = original, **kwargs: Any) -> str:
+            summary = o.get("summary") if isinstance(o, dict) else None
+            if isinstance(summary, str):
+                return summary if maxlen is None else summary[:maxlen]
+            return _original(o, maxlen, *args, **kwargs)
+
+        saferepr._luminagrid_fixed = True  # type: ignore[attr-defined]
+        module.saferepr = saferepr
+
+
 def _patched(script: str, old: str, new: str, what: str) -> str:
     if old not in script:
         raise RuntimeError(
@@ -150,3 +263,6 @@ def __getattr__(name: str) -> str:
 def apply() -> None:
     _lost_transport_is_a_connection_error()
     _reconnect_within_a_second()
+    _consumer_steps_close_without_a_connection()
+    _a_lost_ack_is_one_line()
+    _results_shown_by_their_summary()

@@ -56,6 +56,16 @@ def synthetic(seed: int, height: int, width: int, channels: int = 1, depth: type
     return img.astype(np.uint8)
 
 
+def forged_jpeg(height: int, width: int, pad_bytes: int = 0) -> bytes:
+    """A real 16x16 gray JPEG whose frame header (SOF0) says `height` x `width`, padded with a
+    comment segment to the size of a plausible strip."""
+    data = cv2.imencode(".jpg", np.full((16, 16), 128, np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    at = data.index(b"\xff\xc0")
+    data = data[: at + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[at + 9 :]
+    comment = b"\xff\xfe" + (pad_bytes + 2).to_bytes(2, "big") + bytes(pad_bytes)
+    return data[:2] + comment + data[2:]
+
+
 @pytest.fixture(scope="session")
 def _session_cluster() -> Iterator[LocalCluster]:
     with LocalCluster(workers=2, concurrency=1) as c:

@@ -6,7 +6,7 @@ import cv2
 import lz4.frame
 import numpy as np
 import pytest
-from conftest import synthetic
+from conftest import forged_jpeg, synthetic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -129,6 +129,28 @@ def test_bytes_that_do_not_match_their_declared_shape_are_refused(kind: Codec) -
         codec.decode_strip(data, kind, 16, 17)
     with pytest.raises(CodecError):
         codec.decode_strip(b"\x00garbage", kind, 16, 16)
+
+
+def test_a_jpeg_strip_declaring_another_size_is_refused_before_a_pixel_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    gray, bgr = synthetic(7, 24, 40), synthetic(8, 24, 40, 3)
+    assert codec.jpeg_frame(codec.encode_strip(gray, Codec.jpeg, 90)) == (24, 40, 1)
+    assert codec.jpeg_frame(codec.encode_strip(bgr, Codec.jpeg, 90)) == (24, 40, 3)
+    ok, progressive = cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])  # SOF2, not SOF0
+    assert ok and codec.jpeg_frame(progressive.tobytes()) == (24, 40, 1)
+
+    # The forged strip: 64 KB declaring 15000x15000 (OpenCV would allocate 225 MP first).
+    bomb = forged_jpeg(15000, 15000, pad_bytes=64 * 1024 - 400)
+    def decoding(*_: object) -> None:
+        raise AssertionError("cv2.imdecode ran on a strip whose header was not checked")
+    monkeypatch.setattr(codec.cv2, "imdecode", decoding)
+    with pytest.raises(CodecError, match=r"declares 15000x15000 pixels with 1 component\(s\), expected 16x16 with 1"):
+        codec.decode_strip(bomb, Codec.jpeg, 16, 16)
+    with pytest.raises(CodecError, match="declares 40x24 pixels with 3 component"):
+        codec.decode_strip(codec.encode_strip(bgr, Codec.jpeg, 90), Codec.jpeg, 24, 40, 1)
+    for junk, why in ((b"\x89PNG\r\n\x1a\n", "does not start"), (bomb[:600], "no frame header"),
+                      (forged_jpeg(16, 16)[:30], "no frame header"), (b"\xff\xd8\x00\x00\x00\x00", "no marker at byte 2")):
+        with pytest.raises(CodecError, match=why):
+            codec.jpeg_frame(junk)
 
 
 def test_pending_pixels_round_trip_and_forged_ones_are_refused() -> None:

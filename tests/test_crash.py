@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ import luminagrid
 from luminagrid import jobs
 from luminagrid.app import use_broker
 from luminagrid.errors import JobFailed
-from luminagrid.local import LocalCluster, wait_for_workers
+from luminagrid.local import LocalCluster, LocalWorker, celery_env, spawn, wait_for_workers
 from luminagrid.settings import Settings
 
 DEFAULTS = Settings()
@@ -238,6 +239,88 @@ def test_jobs_survive_repeated_redis_restarts_and_crashes(faulty: LocalCluster) 
         outages.close()
     print(f"\n{REDIS_RESTARTS} jobs, one Redis stop or crash each, during the job: slowest {max(timings):.1f} s, "
           f"median {sorted(timings)[len(timings) // 2]:.1f} s")
+
+
+class DeployedWorker(LocalWorker):
+    """A worker started as docker-compose.yml starts one: at INFO, with gossip and mingle (which
+    `LocalWorker` turns off), so a test meets what a deployment logs."""
+
+    def start(self) -> DeployedWorker:
+        args = [sys.executable, "-m", "celery", "-A", "luminagrid", "worker", "--hostname", self.name,
+                "--concurrency", str(self.concurrency), "--pool", "prefork", "--loglevel", "INFO", *self.extra_args]
+        self.proc = spawn(args, self.log_path, celery_env(self.broker_url, self.extra_env))
+        return self
+
+
+#: Long enough that a worker's consumer restarts while Redis is still down (a restart that is
+#: over before the worker notices shows nothing).
+OUTAGE_S = 1.0
+
+
+def test_a_redis_restart_under_busy_workers_leaves_no_traceback_in_their_logs() -> None:
+    """Redis stopped, then killed, while strips compute on workers started as deployed: every job
+    stays exact, and the workers' logs (through their shutdown) hold no traceback: no "Error on
+    restarting Gossip: AttributeError(... 'connection_errors')", no CRITICAL "Couldn't ack"
+    (`workarounds._consumer_steps_close_without_a_connection`, `._a_lost_ack_is_one_line`)."""
+    with faulty_cluster(workers=0) as c:
+        assert c.redis is not None and c.folder is not None
+        use_broker(c.url)
+        for i in range(2):
+            node = DeployedWorker(f"deployed{i + 1}@{os.uname().nodename}", c.url, 2, log_path=c.folder / f"deployed{i + 1}.log",
+                                  extra_env=c.worker_env, extra_args=c.worker_args)
+            c.nodes.append(node.start())
+        wait_for_workers([n.name for n in c.nodes], [n.proc for n in c.nodes if n.proc])
+        outages = Outages(c.redis)
+        try:
+            for n, how in enumerate(("stop", "crash", "stop", "crash")):
+                image = synthetic(400 + n, 400, 250)
+                job = luminagrid.submit(image, strips=8, codec="lossless", low=30, high=90)
+                wait_for(lambda: running(job), 30, "a strip to start")  # noqa: B023 - used at once
+                outages.down(how)
+                time.sleep(OUTAGE_S)
+                outages.up()
+                assert np.array_equal(job.wait(120).edges, exact(image)), f"restart {n} ({how})"
+        except BaseException:
+            print_worker_logs(c)
+            raise
+        finally:
+            outages.close()
+        for node in c.nodes:
+            node.stop()
+        logs = {n.name: n.log_path.read_text(errors="replace") for n in c.nodes if n.log_path}
+    assert all("Connection to broker lost" in text for text in logs.values())  # every worker met the outages
+    for name, text in logs.items():
+        at = max(text.find("Traceback"), text.find("connection_errors"))
+        assert at < 0, f"{name}:\n{text[max(0, at - 300):at + 3000]}"
+        assert "Couldn't ack" not in text or "the broker connection is lost" in text
+
+
+def test_a_consumer_step_stops_cleanly_after_its_connection_was_dropped() -> None:
+    """The gossip error above, without the timing it needs in a real worker (the gossip channel
+    must have its Redis client cached, and Redis must still be down, as the consumer restarts):
+    Celery set `c.connection = None`, and closing the step's channel fails with a connection error."""
+    import redis  # noqa: PLC0415
+    from celery import bootsteps  # noqa: PLC0415
+
+    class Channel:
+        def close(self) -> None:
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    class Consumer:
+        channel = Channel()
+
+        def cancel(self) -> None:
+            raise redis.ConnectionError("Connection closed by server.")
+
+    class Parent:  # what Celery's worker consumer keeps across reconnects
+        connection = None
+        connection_errors = (redis.ConnectionError,)
+        channel_errors = ()
+
+    step = bootsteps.ConsumerStep.__new__(bootsteps.ConsumerStep)
+    step.consumers = [Consumer()]
+    step.stop(Parent())  # no AttributeError: 'NoneType' object has no attribute 'connection_errors'
+    step.shutdown(Parent())
 
 
 def test_soak_jobs_complete_exactly_under_random_sigkills_and_redis_outages() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -14,14 +15,14 @@ import cv2
 import lz4.frame
 import numpy as np
 import pytest
-from conftest import CLI, synthetic, wait_for
+from conftest import CLI, REPO, forged_jpeg, synthetic, wait_for
 
 import luminagrid
 from luminagrid import broker
 from luminagrid import record as records
 from luminagrid.app import app, use_broker
 from luminagrid.local import LocalCluster, LocalRedis, LocalWorker, wait_for_workers
-from luminagrid.settings import QUEUE, STITCH_QUEUE
+from luminagrid.settings import QUEUE, STITCH_QUEUE, Settings
 from luminagrid.tasks import republish_strip
 
 RUN_TIMEOUT_S = 120
@@ -252,6 +253,48 @@ def test_an_image_over_the_pixel_limit_is_refused(cluster_env: dict[str, str], t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.png"]
 
 
+#: How a user reaches luminagrid first; each must set OpenCV's pixel limit before cv2 is imported.
+ENTRY_POINTS = {
+    "import luminagrid": "import luminagrid",
+    "a submodule directly": "import luminagrid.codec",
+    "celery -A luminagrid": "from celery.app.utils import find_app; find_app('luminagrid')",  # what -A does
+    "cli.py": f"import sys; sys.path.insert(0, {str(REPO)!r}); import cli",
+}
+#: Run in a fresh interpreter after the entry point: is the limit in force in OpenCV itself?
+PIXEL_LIMIT_PROBE = """
+import os, sys
+assert "cv2" not in sys.modules or os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS") == "1000000", "cv2 came first"
+import cv2, numpy as np
+assert os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] == "1000000", os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS")
+assert cv2.imdecode(cv2.imencode(".png", np.zeros((1000, 1000), np.uint8))[1], cv2.IMREAD_UNCHANGED).shape == (1000, 1000)
+try:
+    cv2.imdecode(cv2.imencode(".png", np.zeros((1001, 1000), np.uint8))[1], cv2.IMREAD_UNCHANGED)
+except cv2.error as exc:
+    assert "CV_IO_MAX_IMAGE_PIXELS" in str(exc), exc
+else:
+    raise AssertionError("OpenCV decoded a 1001x1000 image over a limit of 1000000 pixels")
+"""
+
+
+def _fresh_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LUMINAGRID_", "OPENCV_"))}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_opencv_refuses_an_image_over_the_pixel_limit_however_luminagrid_is_entered(entry: str) -> None:
+    proc = _fresh_python(f"{ENTRY_POINTS[entry]}\n{PIXEL_LIMIT_PROBE}", LUMINAGRID_MAX_PIXELS="1000000")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_opencv_gets_the_default_pixel_limit_when_another_setting_is_invalid() -> None:
+    """The bad setting is reported where settings are read; OpenCV must not go unlimited meanwhile."""
+    proc = _fresh_python("import os, sys, luminagrid.codec\nprint(os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'])",
+                         LUMINAGRID_INLINE_MAX_BYTES="lots")
+    assert proc.returncode == 0 and proc.stdout.split() == [str(Settings.max_pixels)], proc.stderr[-2000:]
+
+
 def test_an_unwritable_output_path_fails_cleanly_and_leaves_the_workers_healthy(
     cluster: LocalCluster, cluster_env: dict[str, str], tmp_path: Path,
 ) -> None:
@@ -290,7 +333,10 @@ class Exploit:
         (JOB, STRIP, lz4.frame.compress(bytes(8 * 16)), "holds 128 bytes, expected 16x16"),
         (JOB, STRIP, lz4.frame.compress(bytes(10_000_000)), "holds more than 256 bytes"),  # a bomb that fits the size check
         (JOB, STRIP, b"\0" * 70_000, "exceeds"),
-        ({**JOB, "codec": "jpeg"}, STRIP, b"\xff\xd8\xff garbage", "JPEG strip decoded to None"),
+        ({**JOB, "codec": "jpeg"}, STRIP, b"\xff\xd8\xff garbage", "JPEG strip has no frame header"),
+        # 64 KB declaring 15000x15000: refused by its header, before OpenCV allocates 675 MB for it.
+        ({**JOB, "codec": "jpeg"}, STRIP, forged_jpeg(15000, 15000, pad_bytes=64 * 1024 - 400),
+         "JPEG strip declares 15000x15000 pixels with 1 component(s), expected 16x16 with 1"),
         ({**JOB, "width": 10**6, "height": 10**6}, STRIP, b"", "exceeds the pixel limit"),
         (JOB, {**STRIP, "top": 5}, b"", "are inconsistent"),
         (JOB, {**STRIP, "row1": "16"}, b"", "'row1' = '16' is not a whole number"),
