@@ -251,3 +251,16 @@ def test_flower_answers_401_without_its_credentials_and_lists_both_workers_with_
 
     wait_for(both_listed, 30, "Flower to list both worker containers", poll_s=1.0)
     assert stack.flower("/api/tasks?limit=5")[0] == 200
+
+
+def test_worker_logs_have_no_tracebacks_and_no_result_bytes(stack: Stack) -> None:
+    logs = stack.logs("worker")
+    assert "succeeded" in logs  # the log is the one the jobs above wrote
+    assert "Traceback" not in logs, logs[logs.index("Traceback") - 2000:][:4000]
+    long_lines = [line for line in logs.splitlines() if len(line) > 300]
+    assert not long_lines, long_lines[0][:400]
+    assert not re.search(r"[0-9a-f]{64}|[A-Za-z0-9+/=]{64}|(\\x[0-9a-f]{2}){8}", logs)  # no payload bytes
+    # Each strip's line says what it did (tasks.summary).
+    assert re.search(r"succeeded in [\d.]+s: job [0-9a-f]{8} denoise strip \d+/8 rows \d+-\d+: [\d.]+ s, ", logs)
+    assert "Traceback" not in stack.logs("flower")
+    print(logs[-2000:], file=sys.stderr)

@@ -44,7 +44,11 @@ def test_workers_scale_and_flower_is_behind_basic_auth() -> None:
     assert worker["environment"]["LUMINAGRID_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
     assert worker["environment"]["LUMINAGRID_BROKER_URL"].endswith("@redis:6379/0")
     assert flower["command"][:4] == ["celery", "-A", "luminagrid", "flower"]
-    assert any(a.startswith("--basic-auth=${FLOWER_USER") and "${FLOWER_PASSWORD" in a for a in flower["command"])
+    # Basic auth from the environment, not the command line (which `ps` on the host shows).
+    auth = flower["environment"]["FLOWER_BASIC_AUTH"]
+    assert auth.startswith("${FLOWER_USER") and "${FLOWER_PASSWORD" in auth
+    assert not any("basic-auth" in a or "PASSWORD" in a for a in flower["command"])
+    assert flower["environment"]["LUMINAGRID_BROKER_URL"] == worker["environment"]["LUMINAGRID_BROKER_URL"]
     # Only this machine reaches Flower unless .env says otherwise.
     assert flower["ports"] == ["${FLOWER_BIND:-127.0.0.1}:${FLOWER_PORT:-5555}:5555"] and "--port=5555" in flower["command"]
 
