@@ -210,6 +210,38 @@ def _results_shown_by_their_summary() -> None:
         module.saferepr = saferepr
 
 
+def _broadcasts_survive_a_redis_restart() -> None:
+    """Send a remote-control broadcast again, on a fresh connection, when the pooled one was broken
+    by a Redis restart (Celery 5.7, kombu 5.7, Flower 2.2).
+
+    `Control.broadcast` (behind `inspect()`, `ping()`, Flower's /api/workers?refresh=1) takes a
+    connection from the app's pool; after Redis restarted, the first broadcast on it fails with
+    "Error 32 while writing to socket. Broken pipe" and Flower logs "Inspect method stats failed"
+    for each method, its first /api/workers?refresh=1 answering with what it knew before. Reproduced
+    by tests/test_compose_stack.py (`docker compose restart redis`, then Flower's refresh). The
+    second try, on a connection of its own, reaches the new Redis.
+    """
+    import redis  # noqa: PLC0415
+    from celery.app.control import Control  # noqa: PLC0415
+    from kombu.exceptions import OperationalError  # noqa: PLC0415
+
+    original = Control.broadcast
+    if getattr(original, "_luminagrid_fixed", False):
+        return
+
+    def broadcast(self: Any, command: str, *args: Any, connection: Any = None, **kwargs: Any) -> Any:
+        try:
+            return original(self, command, *args, connection=connection, **kwargs)
+        except (OSError, redis.ConnectionError, OperationalError):
+            if connection is not None:  # the caller's own connection: the caller's to mend
+                raise
+            with self.app.connection_for_write() as fresh:
+                return original(self, command, *args, connection=fresh, **kwargs)
+
+    broadcast._luminagrid_fixed = True  # type: ignore[attr-defined]
+    Control.broadcast = broadcast
+
+
 def _patched(script: str, old: str, new: str, what: str) -> str:
     if old not in script:
         raise RuntimeError(
@@ -266,3 +298,4 @@ def apply() -> None:
     _consumer_steps_close_without_a_connection()
     _a_lost_ack_is_one_line()
     _results_shown_by_their_summary()
+    _broadcasts_survive_a_redis_restart()

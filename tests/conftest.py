@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+import uuid
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -114,3 +119,53 @@ def cluster_env(cluster: LocalCluster) -> dict[str, str]:
     env["LUMINAGRID_BROKER_URL"] = cluster.url
     env.pop("LUMINAGRID_RESULT_BACKEND", None)
     return env
+
+
+@dataclass
+class ClusterRun:
+    """A `cli.py cluster` subprocess: its banner (the lines before "Ctrl-C stops everything.")."""
+
+    proc: subprocess.Popen[str]
+    marker: str  # in the environment of everything it starts (see `processes_with`)
+    flower_port: int
+    banner: list[str] = field(default_factory=list)
+    out: str = ""
+    err: str = ""
+
+    @property
+    def url(self) -> str:
+        line = next(line for line in self.banner if "export LUMINAGRID_BROKER_URL=" in line)
+        return line.split("export LUMINAGRID_BROKER_URL=", 1)[1].strip()
+
+    def stop(self, sig: signal.Signals = signal.SIGINT, timeout_s: float = 60) -> None:
+        """Stop it as a user would, and keep what it printed."""
+        self.proc.send_signal(sig)
+        self.out, self.err = self.proc.communicate(timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def cli_cluster(workers: int, flower_port: int) -> Iterator[ClusterRun]:
+    """Run `cli.py cluster` without any LUMINAGRID_/FLOWER_ settings of the caller; on the way out,
+    stop whatever of it still runs (a failed assertion): itself, then what it started, by PID."""
+    marker = f"marker-{uuid.uuid4()}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("LUMINAGRID_", "FLOWER_"))},
+           "LUMINAGRID_TEST_MARKER": marker}
+    proc = subprocess.Popen([*CLI, "cluster", "--workers", str(workers), "--flower-port", str(flower_port)],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = ClusterRun(proc, marker, flower_port)
+    try:
+        assert proc.stdout is not None
+        while not run.banner or not run.banner[-1].startswith("Ctrl-C") and run.banner[-1]:
+            run.banner.append(proc.stdout.readline())
+        yield run
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate(timeout=30)
+        for pid in processes_with(marker):  # Redis, workers, Flower it started, if it could not stop them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

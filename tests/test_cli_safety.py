@@ -8,7 +8,6 @@ import base64
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -20,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from conftest import CLI, REPO, processes_with, synthetic, wait_for
+from conftest import CLI, REPO, cli_cluster, processes_with, synthetic, wait_for
 
 from luminagrid import broker
 from luminagrid import record as records
@@ -61,17 +60,9 @@ def http_status(url: str, auth: str | None) -> int:
 
 
 def test_cluster_makes_a_flower_login_prints_it_and_runs_redis_with_aof() -> None:
-    marker = f"marker-{uuid.uuid4()}"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("LUMINAGRID_", "FLOWER_"))},
-           "LUMINAGRID_TEST_MARKER": marker}
     port = free_port()
-    proc = subprocess.Popen([*CLI, "cluster", "--workers", "1", "--flower-port", str(port)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        banner = [proc.stdout.readline() for _ in range(5)]
-        url = banner[1].split("export LUMINAGRID_BROKER_URL=", 1)[1].strip()
-        login = next(line for line in banner if line.startswith("Flower login:"))
+    with cli_cluster(1, port) as run:
+        login = next(line for line in run.banner if line.startswith("Flower login:"))
         user = login.split("user ", 1)[1].split(",", 1)[0]
         password = login.split("password ", 1)[1].split()[0]
         assert user == "luminagrid" and len(password) >= 16, login
@@ -81,23 +72,15 @@ def test_cluster_makes_a_flower_login_prints_it_and_runs_redis_with_aof() -> Non
         assert http_status(api, f"{user}:{password}") == 200
         assert http_status(f"http://127.0.0.1:{port}/healthcheck", None) == 200
         # Its password is in no process's command line (which every local user can read).
-        for pid in processes_with(marker):
+        for pid in processes_with(run.marker):
             with contextlib.suppress(OSError):
                 assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
-        db = broker.client(url)
+        db = broker.client(run.url)
         assert db.config_get("appendonly") == {"appendonly": "yes"}
         assert Path(db.config_get("dir")["dir"], "appendonly.aof").exists()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
-        for pid in processes_with(marker):  # what it started, if it could not stop it
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    assert proc.returncode == 0, err
-    assert "stopping" in out and processes_with(marker) == []
+        run.stop()
+    assert run.proc.returncode == 0, run.err
+    assert "stopping" in run.out and processes_with(run.marker) == []
 
 
 @pytest.mark.parametrize("auth", ["admin", "admin:", ":secret", "admin:a,b"])

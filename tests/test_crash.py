@@ -27,7 +27,7 @@ from outages import REDIS_ARGS, Outages
 
 import luminagrid
 from luminagrid import jobs
-from luminagrid.app import use_broker
+from luminagrid.app import app, use_broker
 from luminagrid.errors import JobFailed
 from luminagrid.local import LocalCluster, LocalWorker, celery_env, spawn, wait_for_workers
 from luminagrid.settings import Settings
@@ -270,6 +270,11 @@ def test_a_redis_restart_under_busy_workers_leaves_no_traceback_in_their_logs() 
                                   extra_env=c.worker_env, extra_args=c.worker_args)
             c.nodes.append(node.start())
         wait_for_workers([n.name for n in c.nodes], [n.proc for n in c.nodes if n.proc])
+        names = sorted(n.name for n in c.nodes)
+        def pinged() -> list[str]:
+            return sorted(name for reply in app.control.ping(timeout=1.0) for name in reply)
+
+        assert pinged() == names  # on a pooled connection, used before the outages
         outages = Outages(c.redis)
         try:
             for n, how in enumerate(("stop", "crash", "stop", "crash")):
@@ -280,6 +285,10 @@ def test_a_redis_restart_under_busy_workers_leaves_no_traceback_in_their_logs() 
                 time.sleep(OUTAGE_S)
                 outages.up()
                 assert np.array_equal(job.wait(120).edges, exact(image)), f"restart {n} ({how})"
+            # Broadcasts (ping, inspect, Flower's refresh) go out on that connection, broken by the
+            # restarts: `workarounds._broadcasts_survive_a_redis_restart` sends them again, so this
+            # raises no "Broken pipe"; it waits only for workers still resubscribing.
+            wait_for(lambda: pinged() == names, 30, "both workers to answer a ping")
         except BaseException:
             print_worker_logs(c)
             raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
@@ -11,7 +10,6 @@ import signal
 import subprocess
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from conftest import CLI, REPO, processes_with, synthetic, wait_for
+from conftest import CLI, cli_cluster, processes_with, synthetic, wait_for
 
 import luminagrid
 from luminagrid.app import use_broker
@@ -162,39 +160,21 @@ def test_workers_command_with_no_workers_fails_clearly() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_cluster_runs_a_whole_system_and_stops_everything(tmp_path: Path, sig: signal.Signals) -> None:
-    marker = f"marker-{uuid.uuid4()}"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LUMINAGRID_")}, "LUMINAGRID_TEST_MARKER": marker}
     port = free_port()
-    proc = subprocess.Popen([*CLI, "cluster", "--workers", "2", "--flower-port", str(port)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        banner = [proc.stdout.readline() for _ in range(4)]
-        assert f"Flower at http://127.0.0.1:{port}/" in banner[0], banner
-        url = banner[1].split("export LUMINAGRID_BROKER_URL=", 1)[1].strip()
+    with cli_cluster(2, port) as run:
+        assert f"Flower at http://127.0.0.1:{port}/" in run.banner[0], run.banner
         assert get(f"http://127.0.0.1:{port}/healthcheck", auth=None)[0] == 200
 
         photo = tmp_path / "photo.png"
         cv2.imwrite(str(photo), synthetic(63, 90, 70))
         # Two strips (one such small image would go whole, as its file): both workers serve it.
         submitted = subprocess.run([*CLI, "submit", str(photo), "--codec", "lossless", "--strips", "2"],
-                                   env={**os.environ, "LUMINAGRID_BROKER_URL": url}, capture_output=True, text=True, timeout=60)
+                                   env={**os.environ, "LUMINAGRID_BROKER_URL": run.url}, capture_output=True,
+                                   text=True, timeout=60)
         assert submitted.returncode == 0, submitted.stderr
         assert "served by local1@" in submitted.stdout and "local2@" in submitted.stdout
-        assert len(processes_with(marker)) >= 1 + 1 + 2 + 1  # cli, redis, 2 workers (+ pool), flower
-
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:  # a failed assertion above: stop it as a user would, then whatever is left
-            proc.terminate()
-            try:
-                proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            for pid in processes_with(marker):  # Redis, workers, Flower it started (ours: the marker)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-    assert proc.returncode == 0, err
-    assert "stopping" in out
-    assert processes_with(marker) == []
+        assert len(processes_with(run.marker)) >= 1 + 1 + 2 + 1  # cli, redis, 2 workers (+ pool), flower
+        run.stop(sig)
+    assert run.proc.returncode == 0, run.err
+    assert "stopping" in run.out
+    assert processes_with(run.marker) == []
