@@ -7,7 +7,7 @@ same LUMINAGRID_VISIBILITY_TIMEOUT_S and LUMINAGRID_LIVENESS_TTL_S.
 from kombu import Exchange, Queue
 
 from luminagrid.backend import backend_url, tcp_options
-from luminagrid.broker import tls_options
+from luminagrid.broker import sentinel_options, tls_options
 from luminagrid.queues import PRIORITY_SEP, PRIORITY_STEPS
 from luminagrid.settings import QUEUE, STITCH_QUEUE, UNACKED_MUTEX_EXPIRE_S, Settings
 
@@ -66,8 +66,12 @@ _transport = {
     "socket_connect_timeout": 3,
     **tcp_options(),
 }
-broker_transport_options = _transport
-result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
+# sentinel:// URLs: kombu's Sentinel transport and luminagrid's PollingSentinelBackend ask the
+# sentinels for the master named LUMINAGRID_SENTINEL_MASTER, and again after every lost connection.
+broker_transport_options = _transport | sentinel_options(
+    _settings.broker_url, _settings.sentinel_master, _settings.sentinel_password)
+result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s} | sentinel_options(
+    _settings.result_backend, _settings.sentinel_master, _settings.sentinel_password, "LUMINAGRID_RESULT_BACKEND")
 visibility_timeout = _settings.visibility_timeout_s
 task_soft_time_limit = _settings.soft_time_limit_s
 

@@ -195,8 +195,9 @@ def _broker(settings: Settings, force_embedded: bool, workers: int) -> Iterator[
     Redis and local workers for the block and yields the note to print afterwards.
     """
     if not force_embedded and (settings.broker_url_explicit or broker.answers(settings.broker_url)):
-        broker.require(settings.broker_url)
-        _celery.use_broker(settings.broker_url, settings.result_backend)
+        broker.require(settings.broker_url, master=settings.sentinel_master)
+        _celery.use_broker(settings.broker_url, settings.result_backend, settings.sentinel_master,
+                           settings.sentinel_password)
         yield None
         return
     with local.embedded(workers=1, concurrency=workers):
@@ -210,8 +211,9 @@ def _broker(settings: Settings, force_embedded: bool, workers: int) -> Iterator[
 def _connect() -> Settings:
     """Use the configured Redis (no embedded fallback: a job id only means something there)."""
     settings = Settings.from_env()
-    broker.require(settings.broker_url)
-    _celery.use_broker(settings.broker_url, settings.result_backend)
+    broker.require(settings.broker_url, master=settings.sentinel_master)
+    _celery.use_broker(settings.broker_url, settings.result_backend, settings.sentinel_master,
+                       settings.sentinel_password)
     return settings
 
 

@@ -13,7 +13,7 @@ from celery.signals import task_received, worker_process_init, worker_ready, wor
 
 from luminagrid import workarounds
 from luminagrid.backend import backend_url
-from luminagrid.broker import tls_options
+from luminagrid.broker import SENTINEL_OPTIONS, sentinel_options, tls_options
 from luminagrid.errors import ConfigError
 from luminagrid.settings import Settings
 
@@ -43,16 +43,31 @@ app.config_from_object("celeryconfig")
 app.control.mailbox.serializer = "json"
 
 
-def use_broker(broker_url: str, result_backend: str | None = None) -> None:
-    """Point this process's app at another Redis, dropping connections made to the previous one."""
+def use_broker(broker_url: str, result_backend: str | None = None, master: str | None = None,
+               sentinel_password: str | None = None) -> None:
+    """Point this process's app at another Redis, dropping connections made to the previous one.
+
+    `master` (and `sentinel_password`) go with `sentinel://` URLs: the name the sentinels monitor
+    the master under; default LUMINAGRID_SENTINEL_MASTER (`ConfigError` if neither names one)."""
     redis_url = result_backend or broker_url
-    if (app.conf.broker_url, app.conf.result_backend) == (broker_url, backend_url(redis_url)):
+    if master is None and (broker_url.startswith("sentinel://") or redis_url.startswith("sentinel://")):
+        settings = Settings.from_env()
+        master, sentinel_password = settings.sentinel_master, sentinel_password or settings.sentinel_password
+    transport = {k: v for k, v in (app.conf.broker_transport_options or {}).items() if k not in SENTINEL_OPTIONS}
+    transport |= sentinel_options(broker_url, master, sentinel_password)
+    results = {k: v for k, v in (app.conf.result_backend_transport_options or {}).items() if k not in SENTINEL_OPTIONS}
+    results |= sentinel_options(redis_url, master, sentinel_password, "LUMINAGRID_RESULT_BACKEND")
+    wanted = (broker_url, backend_url(redis_url), transport, results)
+    if (app.conf.broker_url, app.conf.result_backend, app.conf.broker_transport_options,
+            app.conf.result_backend_transport_options) == wanted:
         return
     app.conf.update(
         broker_url=broker_url,
         result_backend=backend_url(redis_url),
         broker_use_ssl=tls_options(broker_url),
         redis_backend_use_ssl=tls_options(redis_url),
+        broker_transport_options=transport,
+        result_backend_transport_options=results,
     )
     reset_connections()
     app._backend_cache = None

@@ -12,6 +12,10 @@
 - **Progress**: a strip's final state is written to the job's progress hash in the same
   transaction as its result (`settings.PROGRESS_KEY`), so "how many strips are done" is one HLEN,
   and a crash of Redis can never keep one without the other.
+
+`PollingSentinelBackend` is the same for a `sentinel://` URL (Celery's `SentinelBackend` finds the
+master through the sentinels, `result_backend_transport_options["master_name"]`, and again after
+a failover); `backend_url` picks the one that fits the URL.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 import redis
 from celery import states
-from celery.backends.redis import RedisBackend, ResultConsumer
+from celery.backends.redis import RedisBackend, ResultConsumer, SentinelBackend
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -104,11 +108,27 @@ class PollingRedisBackend(RedisBackend):
         return self.client.register_script(workarounds.REENTRANT_CHORD_CLEANUP_LUA)
 
 
+class PollingSentinelBackend(PollingRedisBackend, SentinelBackend):
+    """`PollingRedisBackend` on a master found through Redis Sentinel.
+
+    Its method resolution order is this class, `PollingRedisBackend`, `SentinelBackend`,
+    `RedisBackend`: polling, retries, progress and the re-entrant chord scripts come from the
+    first (so a patch of `PollingRedisBackend`, as the crash tests' fault injection makes, applies
+    here too); the URL parsing and the sentinel-managed connection pool from the second. The
+    connection options `PollingRedisBackend` adds (retry every command, TCP keepalive) reach the
+    master's connections: `SentinelBackend` passes its connection options to `master_for`, and a
+    retried command reconnects, which asks the sentinels where the master is now.
+    """
+
+
 def backend_url(redis_url: str) -> str:
     """The `result_backend` setting that selects this backend for a Redis URL.
 
-    Celery reads `<class path>+<url>`; its Redis backend spells unix sockets `socket://`.
+    Celery reads `<class path>+<url>`; its Redis backend spells unix sockets `socket://`. A
+    `sentinel://` URL (parts separated by `;`) selects `PollingSentinelBackend`.
     """
+    if redis_url.startswith("sentinel://"):
+        return f"luminagrid.backend:PollingSentinelBackend+{redis_url}"
     for scheme in ("redis+socket://", "unix://"):
         if redis_url.startswith(scheme):
             redis_url = "socket://" + redis_url[len(scheme):]

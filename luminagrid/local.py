@@ -1,4 +1,4 @@
-"""A private Redis and local worker processes on this machine.
+"""A private Redis (and Redis Sentinels) and local worker processes on this machine.
 
 Used by embedded mode (`cli.py submit` with no Redis configured), the test suite and the bench.
 Every process is started in its own session and stopped by PID (SIGTERM, then SIGKILL of its
@@ -165,6 +165,64 @@ class LocalRedis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(STOP_TIMEOUT_S)
+
+
+@dataclass
+class LocalSentinel:
+    """A Redis Sentinel on 127.0.0.1:`port` (the same redis-server binary, `--sentinel`), watching the
+    master `master_name` at 127.0.0.1:`master_port`, in a private folder.
+
+    Its config file is written once: a sentinel rewrites it with what it learns (the current master,
+    its replicas, the other sentinels), so a restart keeps that knowledge, as a deployed one does.
+    `master_password` is the master's (and replicas') `requirepass`; the sentinel itself has none.
+    """
+
+    folder: Path
+    port: int
+    master_name: str
+    master_port: int
+    quorum: int = 2
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 3000
+    parallel_syncs: int = 1
+    master_password: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"sentinel://127.0.0.1:{self.port}"
+
+    @property
+    def config(self) -> Path:
+        return self.folder / "sentinel.conf"
+
+    def start(self) -> LocalSentinel:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.config.exists():
+            name = self.master_name
+            lines = [
+                f"port {self.port}", "bind 127.0.0.1", f'dir "{self.folder}"', "daemonize no", 'logfile ""',
+                f"sentinel monitor {name} 127.0.0.1 {self.master_port} {self.quorum}",
+                f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+                f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+                f"sentinel parallel-syncs {name} {self.parallel_syncs}",
+                *([f"sentinel auth-pass {name} {self.master_password}"] if self.master_password else []),
+            ]
+            self.config.write_text("\n".join(lines) + "\n")
+        self.proc = spawn([redis_server_binary(), str(self.config), "--sentinel"], self.folder / "sentinel.log")
+        wait_until_ready(self.proc, self._answers, "redis-server --sentinel", self.folder / "sentinel.log")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with redis.Redis("127.0.0.1", self.port, socket_timeout=0.2, socket_connect_timeout=0.2) as r:
+                return bool(r.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 @dataclass

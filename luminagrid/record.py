@@ -154,16 +154,21 @@ def client() -> redis.Redis:
     return app.backend.client
 
 
-_fast: dict[str, redis.Redis] = {}
+_fast: dict[tuple[str, str | None], redis.Redis] = {}
 
 
 def fast_client() -> redis.Redis:
     """A client of the same Redis that fails at the first connection error: for loops that look
     again anyway (a waiting client), so they can notice an outage and keep their own deadline."""
     url = str(app.conf.result_backend).split("+", 1)[-1]
-    if url not in _fast:
-        _fast[url] = broker.client(url, timeout_s=5.0, retry=False)
-    return _fast[url]
+    # A Sentinel URL: the master's name and the sentinels' password are the backend's (`app.use_broker`).
+    options = app.conf.result_backend_transport_options or {}
+    master = options.get("master_name")
+    password = (options.get("sentinel_kwargs") or {}).get("password")
+    if (url, master) not in _fast:
+        _fast[(url, master)] = broker.client(url, timeout_s=5.0, retry=False, master=master or None,
+                                             sentinel_password=password)
+    return _fast[(url, master)]
 
 
 def key(job_id: str) -> str:

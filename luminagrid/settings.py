@@ -97,6 +97,17 @@ def _float(name: str, default: float, minimum: float) -> float:
     return value
 
 
+def _check_sentinel(name: str, url: str, master: str | None) -> None:
+    """A Sentinel URL must parse and needs the master's name (`broker.parse_sentinel`)."""
+    if not url.startswith("sentinel://"):
+        return
+    from luminagrid import broker  # noqa: PLC0415 - redis-py, only for Sentinel URLs
+
+    broker.parse_sentinel(url, name)
+    if not master:
+        raise broker.missing_master(name)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Process-wide settings. Build with `Settings.from_env()`."""
@@ -123,6 +134,10 @@ class Settings:
     #: 16 KiB: a 640x480 lossless job took 24.9 ms with 256 KiB (its 250 KB payload base64'd in
     #: the message), 15.8 ms with 16 KiB (measured, medians of 30).
     inline_max_bytes: int = 16 * 1024
+    #: The name the sentinels monitor the master under; required with `sentinel://` URLs.
+    sentinel_master: str | None = None
+    #: The sentinels' own password (`requirepass` in sentinel.conf), if any; the URL's is the master's.
+    sentinel_password: str | None = None
 
     @property
     def soft_time_limit_s(self) -> float:
@@ -143,10 +158,15 @@ class Settings:
     def from_env(cls) -> Settings:
         broker = os.environ.get("LUMINAGRID_BROKER_URL") or ""
         backend = os.environ.get("LUMINAGRID_RESULT_BACKEND") or ""
+        master = os.environ.get("LUMINAGRID_SENTINEL_MASTER") or None
+        _check_sentinel("LUMINAGRID_BROKER_URL", broker, master)
+        _check_sentinel("LUMINAGRID_RESULT_BACKEND", backend, master)
         return cls(
             broker_url=broker or DEFAULT_BROKER_URL,
             result_backend=backend or broker or DEFAULT_BROKER_URL,
             broker_url_explicit=bool(broker),
+            sentinel_master=master,
+            sentinel_password=os.environ.get("LUMINAGRID_SENTINEL_PASSWORD") or None,
             max_pixels=_int("LUMINAGRID_MAX_PIXELS", cls.max_pixels, 1),
             result_ttl_s=_int("LUMINAGRID_RESULT_TTL_S", cls.result_ttl_s, 60),
             visibility_timeout_s=_int("LUMINAGRID_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, 5),

@@ -177,8 +177,10 @@ class Supervisor(threading.Thread):
         super().__init__(name="luminagrid-supervisor", daemon=True)
         self.node, self.settings = node, settings
         # Its own clients, failing fast: a beat that cannot reach Redis is simply repeated.
-        self.db = redis_client(settings.result_backend, retry=False)  # luminagrid's keys, results
-        self.mq = redis_client(settings.broker_url, retry=False)  # queues, unacked
+        # With sentinel:// URLs they follow the master through a failover (`broker.client`).
+        sentinel = {"master": settings.sentinel_master, "sentinel_password": settings.sentinel_password}
+        self.db = redis_client(settings.result_backend, retry=False, **sentinel)  # luminagrid's keys, results
+        self.mq = redis_client(settings.broker_url, retry=False, **sentinel)  # queues, unacked
         self._same_redis = settings.result_backend == settings.broker_url
         self._lease = self.db.register_script(_LEASE_LUA)
         self._release = self.db.register_script(_RELEASE_LUA)
@@ -306,7 +308,10 @@ class Supervisor(threading.Thread):
             self.stable_since = now
             self.orphans.clear()
             if self.run_ids:
-                self._event(None, "Redis restarted (new run id): looking for lost messages once workers beat again")
+                # A Sentinel failover changes it too (another process is the master now), and loses
+                # what the old master had not yet sent its replica: the same look finds it.
+                self._event(None, "Redis restarted or failed over (new run id): looking for lost messages once "
+                                  "workers beat again")
             self._request_walk("Redis restarted", now)
             self.db.set(RUN_KEY, ",".join(ids))
         self.run_ids = ids

@@ -242,6 +242,71 @@ def _broadcasts_survive_a_redis_restart() -> None:
     Control.broadcast = broadcast
 
 
+def _sentinel_reconnects_ask_the_sentinels() -> None:
+    """Reconnect a Sentinel-managed connection to the master the sentinels name now, not to the
+    address it had (redis-py 8.1).
+
+    `SentinelManagedConnection.connect()` asks the sentinels where the master is; but a command that
+    fails mid-flight is retried through `Connection.send_packed_command`, which reconnects with
+    `connect_check_health(retry_socket_connect=True)`: that retries `_connect()` to the connection's
+    last `host`/`port`, the dead master's, for all of the connection's retries. Found by
+    tests/test_failover.py (lost writes): a pool process storing a strip's result while the master
+    was SIGKILLed kept getting "Connection refused" from the old master's port for 50 s, though the
+    sentinels had promoted the replica 2 s after the kill; the job waited for it. Reproduced with a
+    primary, a replica and three sentinels (`tests/sentinels.py`): a `master_for` client
+    (`socket_timeout=2`, `Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 60)`, retrying on
+    connection errors and timeouts) in `BLPOP key 1` when the master is SIGKILLed failed after
+    55.9 and 56.7 s with "Error 111 connecting to 127.0.0.1:<the old master's port>"; patched, it
+    returned from the new master 4.2 s after the kill.
+
+    Such a reconnect goes through `connect()`, which asks the sentinels on every try.
+    """
+    from redis.sentinel import SentinelManagedConnection  # noqa: PLC0415
+
+    original = SentinelManagedConnection.connect_check_health
+    if getattr(original, "_luminagrid_fixed", False):
+        return
+
+    def connect_check_health(self: Any, check_health: bool = True, retry_socket_connect: bool = True) -> Any:
+        if self._sock:
+            return None
+        if retry_socket_connect:  # not from `connect_to`, which `connect()` calls with the sentinels' answer
+            return self.connect()
+        return original(self, check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+    connect_check_health._luminagrid_fixed = True  # type: ignore[attr-defined]
+    SentinelManagedConnection.connect_check_health = connect_check_health
+
+
+def _stats_hide_the_sentinels_password() -> None:
+    """Keep the sentinels' own password out of a worker's `stats` reply (Celery 5.7).
+
+    A worker reports its broker connection in `inspect stats`, which Flower shows on its worker page,
+    as `Connection.info()` without the `password` (`celery.worker.consumer.connection.Connection.info`
+    pops only that key), but with the transport options, where kombu's Sentinel transport takes the
+    sentinels' password (`sentinel_kwargs`, from LUMINAGRID_SENTINEL_PASSWORD): anyone who can read
+    Flower would read it. Found reading that method; checked by tests/test_failover.py. Mask it, in
+    a copy: the options are the live connection's.
+    """
+    from celery.worker.consumer.connection import Connection  # noqa: PLC0415
+
+    original = Connection.info
+    if getattr(original, "_luminagrid_fixed", False):
+        return
+
+    def info(self: Any, c: Any) -> dict[str, Any]:
+        out = original(self, c)
+        params = out.get("broker")
+        options = params.get("transport_options") if isinstance(params, dict) else None
+        kwargs = options.get("sentinel_kwargs") if isinstance(options, dict) else None
+        if isinstance(kwargs, dict) and kwargs.get("password"):
+            params["transport_options"] = {**options, "sentinel_kwargs": {**kwargs, "password": "**"}}
+        return out
+
+    info._luminagrid_fixed = True  # type: ignore[attr-defined]
+    Connection.info = info
+
+
 def _patched(script: str, old: str, new: str, what: str) -> str:
     if old not in script:
         raise RuntimeError(
@@ -299,3 +364,11 @@ def apply() -> None:
     _a_lost_ack_is_one_line()
     _results_shown_by_their_summary()
     _broadcasts_survive_a_redis_restart()
+    _stats_hide_the_sentinels_password()
+    apply_redis()
+
+
+def apply_redis() -> None:
+    """The fixes of redis-py alone (`broker.client` applies them before making a Sentinel client,
+    in a process that may not have loaded the Celery app yet)."""
+    _sentinel_reconnects_ask_the_sentinels()

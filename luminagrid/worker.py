@@ -25,7 +25,8 @@ def start(hostname: str) -> None:
         if _threads:
             return
         settings = Settings.from_env()
-        beat = liveness.Beat(client(settings.result_backend, retry=False), hostname, settings.liveness_ttl_s)
+        beat = liveness.Beat(client(settings.result_backend, retry=False, master=settings.sentinel_master,
+                                    sentinel_password=settings.sentinel_password), hostname, settings.liveness_ttl_s)
         watcher = supervisor.Supervisor(beat.id, settings)
         beat.start()
         watcher.start()
