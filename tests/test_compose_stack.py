@@ -41,6 +41,7 @@ from luminagrid.app import app, use_broker
 pytestmark = pytest.mark.compose
 
 TIMEOUT_S = 120
+MASTER = "luminagrid"
 #: Big enough that a job is still running when a worker is killed or Redis restarts (~3 s of work).
 BUSY_IMAGE = (1600, 2400, 3)
 BUSY_JOB = {"op": "denoise", "params": {"h": 10}, "strips": 8, "codec": "lossless"}
@@ -82,7 +83,20 @@ class Stack:
     redis_url: str
     flower_url: str
     flower_auth: tuple[str, str]
+    sentinel_master: str | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        """The environment of a host process (`cli.py`) that talks to this stack."""
+        env = {k: v for k, v in os.environ.items() if k not in ("LUMINAGRID_RESULT_BACKEND", "LUMINAGRID_SENTINEL_MASTER")}
+        env["LUMINAGRID_BROKER_URL"] = self.redis_url
+        if self.sentinel_master:
+            env["LUMINAGRID_SENTINEL_MASTER"] = self.sentinel_master
+        return env
+
+    def use(self) -> None:
+        """Point this process's client at the stack."""
+        use_broker(self.redis_url, master=self.sentinel_master)
 
     def compose(self, *args: str, timeout_s: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = ["docker", "compose", "-p", self.project, "--env-file", str(self.env_file), *args]
@@ -109,7 +123,8 @@ class Stack:
         """Hostnames of the workers answering a ping (none while this client reconnects to Redis)."""
         try:
             replies = app.control.inspect(timeout=1.0).ping() or {}
-        except (OSError, redis.RedisError, kombu.exceptions.OperationalError):
+        except (OSError, redis.RedisError, kombu.exceptions.OperationalError) as exc:
+            print(f"ping: {exc!r}", file=sys.stderr)
             return set()
         return {name.split("@", 1)[1].split("[")[0] for name in replies}
 
@@ -127,8 +142,10 @@ class Stack:
         return self.compose("logs", "--no-color", "--no-log-prefix", service).stdout
 
 
-@pytest.fixture(scope="module")
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@contextlib.contextmanager
+def bring_up(request: pytest.FixtureRequest, factory: pytest.TempPathFactory, ha: bool = False) -> Iterator[Stack]:
+    """The compose stack with 2 workers under a project name of its own (with `ha`: its replica and
+    sentinels too, the workers following the sentinels); `down -v` and its timings printed at the end."""
     why = _docker_ready()
     images = {name: os.environ.get(name, default)
               for name, default in (("PYTHON_IMAGE", "python:3.12-slim"), ("REDIS_IMAGE", "redis:7"))}
@@ -142,25 +159,35 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             pytest.fail(f"the deployment test must run in CI, but {why}")
         pytest.skip(why)
 
-    env_file = tmp_path_factory.mktemp("compose") / "test.env"
+    env_file = factory.mktemp("compose") / "test.env"
     redis_password, flower_password = secrets.token_hex(12), secrets.token_hex(12)
-    redis_port, flower_port = _free_port(), _free_port()
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in {
+    redis_port, flower_port, sentinel_port = _free_port(), _free_port(), _free_port()
+    settings = {
         "REDIS_PASSWORD": redis_password, "FLOWER_USER": "operator", "FLOWER_PASSWORD": flower_password,
-        "FLOWER_BIND": "127.0.0.1", "FLOWER_PORT": flower_port, "REDIS_PORT": redis_port, **images,
-    }.items()))
+        "FLOWER_BIND": "127.0.0.1", "FLOWER_PORT": flower_port, "REDIS_PORT": redis_port,
+        "SENTINEL_PORT": sentinel_port, **images,
+    }
+    redis_url = f"redis://:{redis_password}@127.0.0.1:{redis_port}/0"
+    if ha:
+        settings |= {"COMPOSE_PROFILES": "ha", "SENTINEL_MASTER": MASTER, "STACK_BROKER_URL": ";".join(
+            f"sentinel://:{redis_password}@sentinel-{i}:26379" for i in (1, 2, 3))}
+        # The host asks the published sentinel; it answers with the primary's container address,
+        # which a Linux host reaches on the compose network's bridge.
+        redis_url = f"sentinel://:{redis_password}@127.0.0.1:{sentinel_port}/0"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     s = Stack(
-        project=f"luminagrid-test-{os.getpid()}",
+        project=f"luminagrid-test{'-ha' if ha else ''}-{os.getpid()}",
         env_file=env_file,
-        redis_url=f"redis://:{redis_password}@127.0.0.1:{redis_port}/0",
+        redis_url=redis_url,
         flower_url=f"http://127.0.0.1:{flower_port}",
         flower_auth=("operator", flower_password),
+        sentinel_master=MASTER if ha else None,
     )
     previous = app.conf.broker_url
     try:
         s.timed("build", "build")
         s.timed("up -d --scale worker=2", "up", "-d", "--scale", "worker=2")
-        use_broker(s.redis_url)
+        s.use()
         started = time.monotonic()
         wait_for(lambda: len(s.answering()) == 2, 90, "both worker containers to answer a ping", poll_s=0.5)
         s.timings_s["workers ready after up"] = time.monotonic() - started
@@ -172,10 +199,17 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             s.timings_s["down -v"] = time.monotonic() - started
         finally:
             use_broker(previous)
-            line = "compose stack timings: " + ", ".join(f"{what} {t:.1f} s" for what, t in s.timings_s.items())
+            line = f"compose stack{' (ha)' if ha else ''} timings: " + ", ".join(
+                f"{what} {t:.1f} s" for what, t in s.timings_s.items())
             capture = request.config.pluginmanager.getplugin("capturemanager")
             with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
                 print("\n" + line, flush=True)
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with bring_up(request, tmp_path_factory) as s:
+        yield s
 
 
 def _reference(image: np.ndarray) -> np.ndarray:
@@ -195,8 +229,7 @@ def _running_on(job: luminagrid.Job, hosts: set[str]) -> str | None:
 def test_a_job_from_the_host_is_exact(stack: Stack, tmp_path: Path) -> None:
     image = synthetic(7, 900, 1200, 3)
     cv2.imwrite(str(tmp_path / "photo.png"), image)
-    env = {**os.environ, "LUMINAGRID_BROKER_URL": stack.redis_url}
-    env.pop("LUMINAGRID_RESULT_BACKEND", None)
+    env = stack.env()
     started = time.monotonic()
     proc = subprocess.run([*CLI, "submit", str(tmp_path / "photo.png"), "--op", "bilateral", "--codec", "lossless",
                            "--strips", "6", "-o", str(tmp_path / "out.png")],

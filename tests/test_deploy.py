@@ -23,9 +23,10 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def env_example() -> set[str]:
-    return {line.split("=", 1)[0] for line in (REPO / ".env.example").read_text().splitlines()
-            if line and not line.startswith("#")}
+def env_example(optional: bool = True) -> set[str]:
+    """The variables .env.example sets, and (`optional`) those it shows commented out (`#NAME=...`)."""
+    pattern = r"^#?([A-Z_]+)=" if optional else r"^([A-Z_]+)="
+    return set(re.findall(pattern, (REPO / ".env.example").read_text(), re.MULTILINE))
 
 
 def test_redis_persists_with_aof_behind_a_password_on_a_volume() -> None:
@@ -41,8 +42,9 @@ def test_workers_scale_and_flower_is_behind_basic_auth() -> None:
     worker, flower = services["worker"], services["flower"]
     assert worker["command"][:4] == ["celery", "-A", "luminagrid", "worker"]
     assert "container_name" not in worker and "ports" not in worker  # `--scale worker=N` works
-    assert worker["environment"]["LUMINAGRID_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
-    assert worker["environment"]["LUMINAGRID_BROKER_URL"].endswith("@redis:6379/0")
+    # One Redis unless .env names the sentinels (the `ha` profile).
+    assert worker["environment"]["LUMINAGRID_BROKER_URL"].startswith("${STACK_BROKER_URL:-redis://:${REDIS_PASSWORD")
+    assert worker["environment"]["LUMINAGRID_BROKER_URL"].endswith("@redis:6379/0}")
     assert flower["command"][:4] == ["celery", "-A", "luminagrid", "flower"]
     # Basic auth from the environment, not the command line (which `ps` on the host shows).
     auth = flower["environment"]["FLOWER_BASIC_AUTH"]
@@ -68,7 +70,8 @@ def test_images_come_from_env_with_docker_hubs_defaults() -> None:
 
 def test_every_variable_the_compose_file_uses_is_in_env_example_and_the_readme() -> None:
     used = set(re.findall(r"\$\{([A-Z_]+)", COMPOSE.read_text()))
-    assert used == env_example()
+    assert env_example() - used == {"COMPOSE_PROFILES"}  # Compose's own: `ha` turns the profile on
+    assert used <= env_example()
     readme = (REPO / "README.md").read_text()
     for name in used:
         assert f"`{name}`" in readme, name
@@ -105,3 +108,21 @@ def test_a_non_editable_install_ships_every_subpackage() -> None:
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "luminagrid").rglob("__init__.py")}
     assert found == listed
+
+
+def test_the_ha_profile_adds_a_replica_and_three_sentinels_and_the_default_stack_is_unchanged() -> None:
+    services = compose()["services"]
+    ha = {name for name, service in services.items() if "ha" in service.get("profiles", [])}
+    assert ha == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    assert "--replicaof redis 6379" in " ".join(services["redis-replica"]["command"])
+    for name in ("redis", "redis-replica"):  # either may be the primary after a failover
+        command = " ".join(services[name]["command"])
+        assert "--masterauth ${REDIS_PASSWORD" in command and "--appendonly yes" in command
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        script = services[name]["command"][-1]
+        assert "sentinel monitor $$MASTER redis 6379 2" in script and "--sentinel" in script
+    assert services["sentinel-1"]["ports"] == ["127.0.0.1:${SENTINEL_PORT:-26379}:26379"]
+    env = services["worker"]["environment"]
+    assert env["LUMINAGRID_BROKER_URL"].startswith("${STACK_BROKER_URL:-redis://")
+    example = (REPO / ".env.example").read_text()
+    assert "#STACK_BROKER_URL=sentinel://:${REDIS_PASSWORD}@sentinel-1:26379;" in example
