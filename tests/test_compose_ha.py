@@ -10,6 +10,7 @@ reaches it on the compose network's bridge (a Linux host can; Docker Desktop's c
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -58,8 +59,14 @@ def test_docker_kill_of_the_redis_primary_mid_job_fails_over_and_the_job_is_exac
     subprocess.run(["docker", "kill", redis_id], check=True, capture_output=True)
     killed = time.monotonic()
     result = job.wait(TIMEOUT_S)
-    ha_stack.timings_s["docker kill of the Redis primary mid-job -> job done"] = time.monotonic() - killed
+    took_s = ha_stack.timings_s["docker kill of the Redis primary mid-job -> job done"] = time.monotonic() - killed
     assert np.array_equal(result.image, expected)
+    # Usually ~7 s (the sentinels promote ~3 s after the kill, down-after-milliseconds 2000); once,
+    # in CI, 68 s: keep what the sentinel and the workers said when it is slow (no timed assertion).
+    if took_s > 20:
+        for service in ("sentinel-1", "worker"):
+            print(f"--- {service} (job done {took_s:.1f} s after the kill)\n{ha_stack.logs(service)[-8000:]}",
+                  file=sys.__stderr__, flush=True)
     assert sentinel.discover_master(MASTER) != primary  # the replica took over
     # The old primary, started again, becomes the new one's replica; the workers stay up.
     subprocess.run(["docker", "start", redis_id], check=True, capture_output=True)
