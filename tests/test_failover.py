@@ -169,6 +169,21 @@ def kill_mid_strip(rig: Rig, seed: int) -> Kill:
     return Kill(image, job, victim, at, wall, rig.redis.watch_failover(victim.port))
 
 
+def outcome(kill: Kill) -> tuple[jobs.JobResult, float, bool]:
+    """Wait for the killed-over job: its result, seconds from the kill, and whether it is exact."""
+    result = kill.job.wait(JOB_TIMEOUT_S)
+    done_s = time.monotonic() - kill.at
+    return result, done_s, bool(np.array_equal(result.edges, exact(kill.image)))
+
+
+def survived(rig: Rig, kill: Kill, node: LocalRedis, same: bool, done_s: float) -> None:
+    """`node` is the master now, the output exact, in seconds, and the kill came mid-job."""
+    promoted(rig, node)
+    assert same
+    assert done_s < DONE_WITHIN_S
+    assert runs_after(rig, kill.job, kill.wall), "the kill came after the job's last strip"
+
+
 def promoted(rig: Rig, node: LocalRedis) -> float:
     """Wait until every sentinel names `node` the master."""
     return rig.redis.wait(lambda: rig.redis.master_ports() == {node.port}, 30, f"the sentinels to agree on port {node.port}")
@@ -283,16 +298,11 @@ def test_a_primary_sigkilled_mid_job_fails_over_and_the_job_completes_exactly(
     replica = ha.redis.replica()
     kill = kill_mid_strip(ha, 61)
     assert kill.victim is not replica
-    result = kill.job.wait(JOB_TIMEOUT_S)
-    done_s = time.monotonic() - kill.at
-    same = np.array_equal(result.edges, exact(kill.image))
+    result, done_s, same = outcome(kill)
     report(request, f"failover: primary SIGKILLed mid-strip; sentinels named the replica master "
                     f"{kill.failover_s() or float('nan'):.2f} s after the kill; job done, {'exact' if same else 'WRONG'}, "
                     f"{done_s:.2f} s after the kill ({result.republished} recovery event(s))")
-    promoted(ha, replica)
-    assert same
-    assert done_s < DONE_WITHIN_S
-    assert runs_after(ha, kill.job, kill.wall), "the kill came after the job's last strip"
+    survived(ha, kill, replica, same, done_s)
 
 
 def test_the_old_primary_comes_back_as_a_replica_and_a_second_failover_completes_another_job(
@@ -312,17 +322,12 @@ def test_the_old_primary_comes_back_as_a_replica_and_a_second_failover_completes
     ha.redis.wait_synced(30)
     kill = kill_mid_strip(ha, 62)
     assert kill.victim is new
-    result = kill.job.wait(JOB_TIMEOUT_S)
-    done_s = time.monotonic() - kill.at
-    same = np.array_equal(result.edges, exact(kill.image))
+    result, done_s, same = outcome(kill)
     report(request, f"second failover: the old primary, restarted, was a replica of the new one {rejoined_s:.1f} s "
                     f"later; the new primary SIGKILLed mid-strip; sentinels named the old one master "
                     f"{kill.failover_s() or float('nan'):.2f} s after the kill; job done, {'exact' if same else 'WRONG'}, "
                     f"{done_s:.2f} s after the kill")
-    promoted(ha, old)
-    assert same
-    assert done_s < DONE_WITHIN_S
-    assert runs_after(ha, kill.job, kill.wall), "the kill came after the job's last strip"
+    survived(ha, kill, old, same, done_s)
 
 
 def test_writes_the_promoted_replica_never_received_are_republished_and_the_output_stays_exact(
