@@ -20,7 +20,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import cv2
 from photos import photo_like
+
+from luminagrid.local import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, str(REPO / "cli.py")]
@@ -48,12 +49,6 @@ JOBS = [
 #: Flower's tasks page shows each task's label (its args: `job 5f3a87b2 canny strip 3/9 rows ...`).
 TASK_COLUMNS = "name,args,state,received,runtime,worker"
 WINDOWS = {"workers": "1400,800", "tasks": "1400,1000"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:

@@ -15,7 +15,6 @@ import contextlib
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from test_operations import OPENCV
 import luminagrid
 from luminagrid import ops
 from luminagrid.app import app, use_broker
+from luminagrid.local import free_port
 
 pytestmark = pytest.mark.compose
 
@@ -66,12 +66,6 @@ def _image_ready(name: str) -> bool:
         return subprocess.run(["docker", "pull", "-q", name], capture_output=True, timeout=90).returncode == 0
     except subprocess.TimeoutExpired:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -161,7 +155,7 @@ def bring_up(request: pytest.FixtureRequest, factory: pytest.TempPathFactory, ha
 
     env_file = factory.mktemp("compose") / "test.env"
     redis_password, flower_password = secrets.token_hex(12), secrets.token_hex(12)
-    redis_port, flower_port, sentinel_port = _free_port(), _free_port(), _free_port()
+    redis_port, flower_port, sentinel_port = free_port(), free_port(), free_port()
     settings = {
         "REDIS_PASSWORD": redis_password, "FLOWER_USER": "operator", "FLOWER_PASSWORD": flower_password,
         "FLOWER_BIND": "127.0.0.1", "FLOWER_PORT": flower_port, "REDIS_PORT": redis_port,
