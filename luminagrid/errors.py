@@ -38,6 +38,15 @@ class MessageError(LuminagridError):
     """A task message that is malformed or forged: rejected before decoding anything."""
 
 
+class OperationUnavailable(LuminagridError):
+    """The operation a job names is not usable here: its package is not installed on this node,
+    is another version than the submitter's, or failed to load."""
+
+
+class CheckFailed(LuminagridError):
+    """An operation's strips differ from its whole-image result (`cli.py check-op`)."""
+
+
 class ClaimGone(MessageError):
     """A claim check's key is gone from Redis: expired, deleted, or lost in a crash of Redis.
 

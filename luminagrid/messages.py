@@ -1,29 +1,36 @@
 """The strip message: built by the submitter, validated by the worker before any decoding.
 
 A strip task gets three arguments (msgpack, never pickle):
-- `job`: {"id", "op", "params", "width", "height", "channels", "strips", "codec", "quality", "file"}
+- `job`: {"id", "op", "params", "width", "height", "channels", "strips", "codec", "quality", "file",
+  "package", "version", "halo_rows", "fields"} (`JobSpec`)
 - `strip`: {"index", "row0", "row1", "top", "bottom"} (see `strips.Strip`)
 - `payload`: the strip's encoded pixels (`codec.encode_strip`), inline or as a claim (`claims`);
   in a `file` job (one strip: a small image) the input file itself, which the worker decodes
 
 Anything can be published onto a Redis queue, so a worker trusts none of it: `parse_job`,
 `parse_strip` and `check_payload` check types, ranges and sizes before a byte is decoded, and raise
-`MessageError` naming the problem.
+`MessageError` naming the problem. `resolve` then checks that the worker's operation is the
+submitter's: same package, same version, same halo (`OperationUnavailable` if not).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from luminagrid import claims, ops, source, strips
 from luminagrid.codec import Codec
-from luminagrid.errors import InputError, MessageError
+from luminagrid.errors import InputError, MessageError, OperationUnavailable
 
 #: A job id is a UUID (36 characters); anything much longer is not ours.
 MAX_ID_CHARS = 64
 #: Encoded strips are at most this much larger than their raw pixels (JPEG at q100 can be).
 PAYLOAD_SLACK_BYTES = 64 * 1024
+#: Bounds on the words a job message carries: parameter and package names, versions, fields.
+MAX_NAME_CHARS = 100
+MAX_PARAMS = 32
+MAX_FIELDS = 16
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class JobSpec:
     id: str
     op: str
     #: every parameter of the operation, validated (`Operation.values`)
-    params: dict[str, float | int]
+    params: dict[str, ops.Value]
     width: int
     height: int
     #: 1 (gray) or 3 (BGR): of the strips going out and of the output image
@@ -44,22 +51,71 @@ class JobSpec:
     #: the one strip's payload is the input file (a small streamable PNG, JPEG or TIFF), which
     #: the worker decodes, converts and (in JPEG mode) round-trips as the submitter would have
     file: bool = False
+    #: the package and version of the submitter's operation: a worker with other code refuses it
+    package: str = ops.BUILT_IN.package
+    version: str = ops.BUILT_IN.version
+    #: the aligned halo the strips were cut with (`strips.halo_for` of the operation's need)
+    halo_rows: int = 0
+    #: the byte fields of the operation's results (`Operation.fields`): their claim keys
+    fields: tuple[str, ...] = ("pixels",)
 
-    @property
+    @classmethod
+    def create(cls, op: ops.Operation, values: ops.Values, **fields: Any) -> JobSpec:
+        """A new job's spec for operation `op` at validated `values`: its origin and halo filled in."""
+        where = ops.origin(op.name)
+        return cls(op=op.name, params=dict(values), package=where.package, version=where.version,
+                   halo_rows=strips.halo_for(op.halo_rows(values)), fields=tuple(op.fields), **fields)
+
+    @functools.cached_property
     def operation(self) -> ops.Operation:
-        return ops.get(self.op)
-
-    @property
-    def halo_rows(self) -> int:
-        """The aligned halo this job's strips carry (`strips.halo_for` of the operation's need)."""
-        return strips.halo_for(self.operation.halo_rows(self.params))
+        """This node's operation for the job; `OperationUnavailable` if it lacks it or has other code."""
+        return resolve(self)
 
     def to_message(self) -> dict[str, Any]:
         return {
             "id": self.id, "op": self.op, "params": dict(self.params), "width": self.width,
             "height": self.height, "channels": self.channels, "strips": self.strips,
             "codec": self.codec.value, "quality": self.quality, "file": self.file,
+            "package": self.package, "version": self.version, "halo_rows": self.halo_rows, "fields": list(self.fields),
         }
+
+
+def resolve(spec: JobSpec, where: str = "this node") -> ops.Operation:
+    """The operation `spec` names, checked to be the submitter's: same package, same version,
+    the same halo and fields at these parameters. Raise `OperationUnavailable` naming the
+    package and both versions (exactness needs the same code on every node), or `MessageError`
+    if the parameters are not the operation's own validated values."""
+    wanted = f"{spec.package} {spec.version}"
+    try:
+        op = ops.get(spec.op)
+    except InputError:
+        raise OperationUnavailable(
+            f"{where} has no operation {spec.op!r}: the job was submitted with it from package {wanted}; install "
+            f"that package on every worker (pip install '{spec.package}=={spec.version}') and restart them") from None
+    except OperationUnavailable as exc:  # installed, but it failed to load here
+        raise OperationUnavailable(f"{where}: {exc}") from None
+    here = ops.origin(op.name)
+    if (here.package, here.version) != (spec.package, spec.version):
+        raise OperationUnavailable(
+            f"{where} has operation {spec.op!r} from {here}, but the job was submitted with {wanted}; every node "
+            f"must run the same version (the output is exact only then): install {spec.package}=={spec.version} "
+            "on every node, or the same newer version everywhere")
+    try:
+        values = op.values(spec.params)
+    except InputError as exc:
+        raise MessageError(f"job {spec.id}: {exc}") from None
+    if any(type(values[k]) is not type(v) or values[k] != v for k, v in spec.params.items()) or set(values) != set(spec.params):
+        raise MessageError(f"job {spec.id}: params {spec.params} are not every parameter of {op.name}, each of its type "
+                           f"(expected {values})")
+    if spec.channels == 3 and not op.colour:
+        raise MessageError(f"job {spec.id}: {spec.channels} channels do not suit operation {op.name}")
+    halo_rows = strips.halo_for(op.halo_rows(values))
+    if (halo_rows, tuple(op.fields)) != (spec.halo_rows, spec.fields):
+        raise OperationUnavailable(
+            f"{where}'s operation {spec.op!r} ({here}) asks for a halo of {halo_rows} rows and fields {list(op.fields)}, "
+            f"but the job was cut with {spec.halo_rows} rows and fields {list(spec.fields)}: the nodes run different code "
+            f"under the same version; install the same build of {spec.package} on every node")
+    return op
 
 
 def strip_message(s: strips.Strip) -> dict[str, int]:
@@ -73,7 +129,10 @@ def _int(d: dict[str, Any], key: str, lo: int, hi: int) -> int:
     return value
 
 
-def parse_job(job: Any, max_pixels: int) -> JobSpec:
+def parse_job(job: Any, max_pixels: int, resolved: bool = True) -> JobSpec:
+    """A job message's spec, every field checked; `MessageError` naming a bad one. `resolved`:
+    also check that this node has the job's operation, as the submitter's (`resolve`); the
+    supervisor reads records of jobs whose operation its node may lack, and needs none of it."""
     if not isinstance(job, dict):
         raise MessageError(f"job must be a mapping, got {type(job).__name__}")
     job_id = job.get("id")
@@ -88,27 +147,38 @@ def parse_job(job: Any, max_pixels: int) -> JobSpec:
     except ValueError:
         raise MessageError(f"job {job_id}: unknown codec {job.get('codec')!r}") from None
     params = job.get("params")
-    if not isinstance(params, dict) or not all(type(v) in (int, float) for v in params.values()):
-        raise MessageError(f"job {job_id}: params {params!r} is not a mapping of names to numbers")
-    try:
-        # The same validation as the submitter's: names, types, ranges (so halos stay bounded).
-        op = ops.get(job.get("op"))
-        values = op.values(params)
-    except InputError as exc:
-        raise MessageError(f"job {job_id}: {exc}") from None
-    if set(values) != set(params):
-        raise MessageError(f"job {job_id}: params {sorted(params)} do not name every parameter of {op.name}")
+    if not isinstance(params, dict) or len(params) > MAX_PARAMS or not all(
+        isinstance(k, str) and len(k) <= MAX_NAME_CHARS and (type(v) in (int, float) or (
+            isinstance(v, str) and len(v) <= ops.base.MAX_CHOICE_CHARS)) for k, v in params.items()):
+        raise MessageError(f"job {job_id}: params {params!r} is not a mapping of names to numbers or short words")
+    op = job.get("op")
+    if not isinstance(op, str) or not ops.NAME.fullmatch(op):
+        raise MessageError(f"job {job_id}: operation {op!r} is not an operation's name")
+    package, version, fields = job.get("package"), job.get("version"), job.get("fields")
+    if not (isinstance(package, str) and 0 < len(package) <= MAX_NAME_CHARS and isinstance(version, str)
+            and 0 < len(version) <= MAX_NAME_CHARS):
+        raise MessageError(f"job {job_id}: package {package!r} version {version!r} are not a package's name and version")
+    if not isinstance(fields, list) or not 0 < len(fields) <= MAX_FIELDS or not all(
+            isinstance(f, str) and 0 < len(f) <= MAX_NAME_CHARS for f in fields):
+        raise MessageError(f"job {job_id}: fields {fields!r} is not a list of 1-{MAX_FIELDS} field names")
+    halo_rows = _int(job, "halo_rows", 0, strips.halo_for(ops.MAX_HALO_ROWS))
+    if halo_rows % strips.ALIGN_ROWS:
+        raise MessageError(f"job {job_id}: halo_rows {halo_rows} is not a multiple of {strips.ALIGN_ROWS}")
     channels = _int(job, "channels", 1, 3)
-    if channels == 2 or (channels == 3 and not op.colour):
-        raise MessageError(f"job {job_id}: {channels} channels do not suit operation {op.name}")
+    if channels == 2:
+        raise MessageError(f"job {job_id}: 2 channels is neither gray (1) nor colour (3)")
     file = job.get("file", False)
     count = _int(job, "strips", 1, strips.MAX_STRIPS)
     if type(file) is not bool or (file and count != 1):  # noqa: E721 - exactly a bool
         raise MessageError(f"job {job_id}: field 'file' = {file!r} is not a bool (true only for 1 strip)")
-    return JobSpec(
-        id=job_id, op=op.name, params=values, width=width, height=height, channels=channels,
+    spec = JobSpec(
+        id=job_id, op=op, params=dict(params), width=width, height=height, channels=channels,
         strips=count, codec=kind, quality=_int(job, "quality", 0, 100), file=file,
+        package=package, version=version, halo_rows=halo_rows, fields=tuple(fields),
     )
+    if resolved:
+        resolve(spec)
+    return spec
 
 
 def parse_strip(strip: Any, job: JobSpec) -> strips.Strip:

@@ -96,8 +96,8 @@ def plan_for(src: Source, params: Params) -> tuple[messages.JobSpec, list[Strip]
     """The job's message and strip plan, from the image's header alone (`source.plan_for`)."""
     op = params.operation
     file, plan = source.plan_for(src, params)
-    spec = messages.JobSpec(
-        id=str(uuid.uuid4()), op=op.name, params=dict(params.values), width=src.width, height=src.height,
+    spec = messages.JobSpec.create(
+        op, params.values, id=str(uuid.uuid4()), width=src.width, height=src.height,
         channels=3 if op.colour and src.channels >= 3 else 1, strips=len(plan), codec=params.codec,
         quality=params.quality, file=file,
     )

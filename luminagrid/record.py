@@ -104,7 +104,9 @@ class Record:
             raise MessageError(f"it is not JSON ({exc})") from None
         if not isinstance(data, dict):
             raise MessageError(f"it is a JSON {type(data).__name__}, not an object")
-        spec = messages.parse_job(data, max_pixels)
+        # A record is read by supervisors too, on nodes that may lack its operation: they need
+        # only its plan and keys, which it carries (the tasks check the operation, `messages.resolve`).
+        spec = messages.parse_job(data, max_pixels, resolved=False)
         output = data.get("output")
         if output is not None and (not isinstance(output, str) or not output or "\0" in output):
             raise MessageError(f"field 'output' = {output!r} is not a file path")
@@ -251,7 +253,7 @@ def data_keys(record: Record) -> list[str]:
         PROGRESS_KEY.format(job=record.id), JOB_EVENTS_KEY.format(job=record.id), RECOVERIES_KEY.format(job=record.id),
         PUBLISHER_KEY.format(job=record.id),
         *(backend.get_key_for_task(t) for t in record.task_ids), *chord,
-        *claims.keys_of(record.id, record.spec.strips, record.spec.operation.fields),
+        *claims.keys_of(record.id, record.spec.strips, record.spec.fields),
     ]
 
 

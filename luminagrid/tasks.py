@@ -120,10 +120,18 @@ def summary(label: str, seconds: float, out_bytes: int, result: dict[str, Any]) 
     return f"{label}: {seconds:.2f} s, {_size_text(out_bytes)} out, {travel}"
 
 
+def _spec(task: Task, job: Any) -> messages.JobSpec:
+    """The job's spec, checked, with this worker's operation for it: the submitter's package and
+    version, or `OperationUnavailable` naming this worker, the package and the versions."""
+    spec = messages.parse_job(job, SETTINGS.max_pixels, resolved=False)
+    messages.resolve(spec, f"worker {_worker_name(task)}")
+    return spec
+
+
 @app.task(name="luminagrid.strip", bind=True, **_RETRY)
 def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
     """Validate and decode one strip, run its operation's strip step, return the packed result."""
-    spec = messages.parse_job(job, SETTINGS.max_pixels)
+    spec = _spec(self, job)
     s = messages.parse_strip(strip, spec)
     _skip_if_cancelled(self, spec.id)
     try:
@@ -208,7 +216,7 @@ def _ready(task: Task, part: dict[str, Any], spec: messages.JobSpec) -> dict[str
 def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
     """Chord callback: check that the strips tile the image, then the operation's stitch step."""
     started = time.perf_counter()
-    spec = messages.parse_job(job, SETTINGS.max_pixels)
+    spec = _spec(self, job)
     _skip_if_cancelled(self, spec.id)
     height, width = spec.height, spec.width
     parts = sorted(parts, key=lambda p: p["index"])

@@ -126,7 +126,7 @@ def test_embedded_flag_forces_a_private_cluster(cluster_env: dict[str, str], pho
         (["--low", "300", "--high", "200"], "--op canny: low 300 is above high 200; make low <= high."),
         (["--high", "5000"], "parameter high=5000.0 is out of range; use a number from 0 to 2040"),
         (["--low", "-1"], "parameter low=-1.0 is out of range"),
-        (["--op", "sharpen"], "unknown operation --op 'sharpen'; choose one of: canny, gaussian, bilateral, denoise."),
+        (["--op", "sharpen"], "unknown operation --op 'sharpen'; choose one of: canny, gaussian, bilateral, denoise (`python cli.py ops` lists them"),
         (["--op", "bilateral", "-p", "d=40"], "--op bilateral: parameter d='40' is out of range; use a whole number from 1 to 31"),
         (["--op", "bilateral", "-p", "radius=3"], "--op bilateral has no parameter 'radius'; its parameters are: d, sigma_color"),
         (["--op", "denoise", "-p", "search_window=20"], "search_window='20' is out of range; use an odd whole number"),

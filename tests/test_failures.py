@@ -18,7 +18,7 @@ import pytest
 from conftest import CLI, REPO, forged_jpeg, synthetic, wait_for
 
 import luminagrid
-from luminagrid import broker
+from luminagrid import broker, ops
 from luminagrid import record as records
 from luminagrid.app import app, use_broker
 from luminagrid.local import LocalCluster, LocalRedis, LocalWorker, wait_for_workers
@@ -312,7 +312,8 @@ def test_an_unwritable_output_path_fails_cleanly_and_leaves_the_workers_healthy(
 # --- forged messages --------------------------------------------------------------------------
 
 JOB = {"id": "forged", "op": "canny", "params": {"low": 10.0, "high": 20.0}, "width": 16, "height": 16, "channels": 1,
-       "strips": 1, "codec": "lossless", "quality": 95}
+       "strips": 1, "codec": "lossless", "quality": 95, "package": "luminagrid", "version": ops.origin("canny").version,
+       "halo_rows": 8, "fields": list(ops.get("canny").fields)}
 STRIP = {"index": 0, "row0": 0, "row1": 16, "top": 0, "bottom": 16}
 
 
@@ -341,12 +342,18 @@ class Exploit:
         (JOB, {**STRIP, "top": 5}, b"", "are inconsistent"),
         (JOB, {**STRIP, "row1": "16"}, b"", "'row1' = '16' is not a whole number"),
         ("not a dict", STRIP, b"", "job must be a mapping"),
-        ({**JOB, "op": "sharpen"}, STRIP, b"", "unknown operation --op 'sharpen'"),
-        ({**JOB, "op": "gaussian", "params": {"sigma": 1e9}}, STRIP, b"", "parameter sigma=1000000000.0 is out of range"),
-        ({**JOB, "params": {"low": 10.0}}, STRIP, b"", "do not name every parameter of canny"),
-        ({**JOB, "params": {"low": "10", "high": 20.0}}, STRIP, b"", "is not a mapping of names to numbers"),
+        ({**JOB, "op": "Sharpen!"}, STRIP, b"", "operation 'Sharpen!' is not an operation's name"),
+        ({**JOB, "halo_rows": 7}, STRIP, b"", "halo_rows 7 is not a multiple of 8"),
+        ({**JOB, "halo_rows": 10**6}, STRIP, b"", "'halo_rows' = 1000000 is not a whole number"),
+        ({**JOB, "version": ["1"]}, STRIP, b"", "are not a package's name and version"),
+        ({**JOB, "fields": "edges"}, STRIP, b"", "is not a list of 1-16 field names"),
+        ({**JOB, "op": "gaussian", "params": {"sigma": 1e9}, "fields": ["pixels"]}, STRIP, b"", "parameter sigma=1000000000.0 is out of range"),
+        ({**JOB, "params": {"low": 10.0}}, STRIP, b"", "are not every parameter of canny"),
+        ({**JOB, "params": {"low": "10", "high": 20.0}}, STRIP, b"", "are not every parameter of canny, each of its type"),
+        ({**JOB, "params": {"low": b"10", "high": 20.0}}, STRIP, b"", "is not a mapping of names to numbers or short words"),
         ({**JOB, "channels": 3}, STRIP, b"", "3 channels do not suit operation canny"),
-        ({**JOB, "op": "gaussian", "params": {"sigma": 2.0}, "channels": 3}, STRIP, b"\0" * 70_000, "exceeds 66304"),
+        ({**JOB, "op": "gaussian", "params": {"sigma": 2.0}, "channels": 3, "fields": ["pixels"]}, STRIP, b"\0" * 70_000,
+         "exceeds 66304"),
         (JOB, STRIP, "not bytes", "payload is str, not bytes"),
         (JOB, STRIP, {"claim": "luminagrid:in:another:0:payload"}, "claim 'luminagrid:in:another:0:payload' is not this strip's"),
         (JOB, STRIP, {"claim": "luminagrid:in:forged:0:payload", "more": 1}, "payload is dict, not bytes or a claim"),
@@ -361,6 +368,27 @@ def test_forged_strip_messages_are_rejected_without_harming_the_workers(
     result = app.send_task("luminagrid.strip", args=[job, strip, payload])
     meta = wait_for(lambda: (m := records.metas([result.id])[0]) and m["status"] == "FAILURE" and m, 30, "the task to fail")
     assert "MessageError" in type(meta["result"]).__name__ and message in str(meta["result"])
+    assert len(app.control.ping(timeout=2.0)) == 2
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [
+        ({**JOB, "version": "0.0.1"}, f"has operation 'canny' from luminagrid {ops.origin('canny').version}, but the job "
+                                      "was submitted with luminagrid 0.0.1; every node must run the same version"),
+        ({**JOB, "package": "other-ops"}, "but the job was submitted with other-ops"),
+        ({**JOB, "halo_rows": 16}, "asks for a halo of 8 rows and fields ['edges', 'pending', 'seam_pending', 'first', "
+                                   "'last', 'labels'], but the job was cut with 16 rows"),
+        ({**JOB, "op": "sharpen"}, "has no operation 'sharpen': the job was submitted with it from package luminagrid "),
+    ],
+)
+def test_a_message_from_other_code_is_refused_naming_the_worker_and_both_versions(
+    cluster: LocalCluster, job: dict, message: str,
+) -> None:
+    result = app.send_task("luminagrid.strip", args=[job, STRIP, b""])
+    meta = wait_for(lambda: (m := records.metas([result.id])[0]) and m["status"] == "FAILURE" and m, 30, "the task to fail")
+    assert type(meta["result"]).__name__ == "OperationUnavailable"
+    assert message in str(meta["result"]) and str(meta["result"]).startswith("worker local")
     assert len(app.control.ping(timeout=2.0)) == 2
 
 

@@ -1,6 +1,7 @@
 """What an operation is: its parameters, its halo, and how its strips become one image.
 
-An operation is a small object (one module under `luminagrid/ops/`) that says:
+An operation is a small object (a module under `luminagrid/ops/`, or in an installed package that
+registers it under the entry-point group `luminagrid.ops`: see `luminagrid.ops`) that says:
 - `params`: typed, bounded parameters (`Param`), filled with defaults and validated by `values`;
 - `halo_rows(values)`: the rows beyond its own that a strip needs for an exact result;
 - `colour`: whether it computes on BGR when the input has colour (else on 8-bit gray);
@@ -31,23 +32,62 @@ from luminagrid.codec import Codec
 from luminagrid.errors import InputError
 from luminagrid.strips import Strip
 
-Values = dict[str, float | int]
+Value = float | int | str
+Values = dict[str, Value]
+#: Longest text a choice parameter's value may be (they travel in every strip message).
+MAX_CHOICE_CHARS = 32
 
 
 @dataclass(frozen=True)
 class Param:
-    """One numeric parameter: `kind` int or float, inclusive bounds, optionally odd-only."""
+    """One parameter: `kind` int or float with inclusive bounds (optionally odd-only), or `str`
+    with a fixed set of `choices` (make those with `Param.choice`)."""
 
     name: str
     kind: type
-    default: float | int
+    default: Value
     lo: float
     hi: float
     help: str
     odd: bool = False
+    choices: tuple[str, ...] = ()
 
-    def parse(self, raw: Any, op: str) -> float | int:
+    @classmethod
+    def choice(cls, name: str, choices: tuple[str, ...], default: str, help: str) -> Param:
+        """A parameter that is one of a few words, e.g. `Param.choice("mode", ("open", "close"), "open", ...)`."""
+        return cls(name, str, default, 0, len(choices) - 1, help, choices=choices)
+
+    @property
+    def ends(self) -> tuple[Value, ...]:
+        """The values at the ends of its range (every choice of a choice parameter), in order."""
+        if self.kind is str:
+            return self.choices
+        if self.kind is int:
+            lo, hi = math.ceil(self.lo), math.floor(self.hi)
+            if self.odd:
+                lo, hi = lo + (lo % 2 == 0), hi - (hi % 2 == 0)
+            return (lo,) if lo == hi else (lo, hi)
+        return (float(self.lo),) if self.lo == self.hi else (float(self.lo), float(self.hi))
+
+    @property
+    def range_text(self) -> str:
+        """"1-31 (odd integer)", "0.1-50 (number)", "open|close|gradient"."""
+        if self.kind is str:
+            return "|".join(self.choices)
+        kind = "odd integer" if self.odd else "integer" if self.kind is int else "number"
+        return f"{self.lo:g}-{self.hi:g} ({kind})"
+
+    @property
+    def default_text(self) -> str:
+        return str(self.default) if self.kind is str else f"{self.default:g}"
+
+    def parse(self, raw: Any, op: str) -> Value:
         """A value from `-p name=value` text or a message field; raise `InputError` if unusable."""
+        if self.kind is str:
+            fix = f"use one of {', '.join(self.choices)} (default {self.default})"
+            if not isinstance(raw, str) or raw.strip() not in self.choices:
+                raise InputError(f"--op {op}: parameter {self.name}={raw!r} is not one of its choices; {fix}.")
+            return raw.strip()
         noun = "a whole number" if self.kind is int else "a number"
         fix = f"use {'an odd whole number' if self.odd else noun} from {self.lo:g} to {self.hi:g} (default {self.default:g})"
         where = f"--op {op}: parameter {self.name}"
@@ -105,7 +145,8 @@ class Operation:
         """Checks across parameters (raise `InputError`); none by default."""
 
     def halo_rows(self, values: Values) -> int:
-        """Rows above and below a strip that its exact result depends on."""
+        """Rows above and below a strip that its exact result depends on: the farthest row, up or
+        down, that an output pixel's value can depend on. `cli.py check-op` checks it."""
         raise NotImplementedError
 
     # --- the pure core ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ class Bilateral(Operation):
 
     def apply(self, pixels: np.ndarray, values: Values) -> np.ndarray:
         with opencv_without_ipp():  # IPP's variant is not local: strips would differ from the whole
-            return cv2.bilateralFilter(pixels, int(values["d"]), values["sigma_color"], values["sigma_space"])
+            return cv2.bilateralFilter(pixels, int(values["d"]), float(values["sigma_color"]), float(values["sigma_space"]))
 
 
 OP = Bilateral()

@@ -39,18 +39,18 @@ class Canny(Operation):
     stitch_fields = ("seam_pending", "first", "last")
 
     def check(self, values: Values) -> None:
-        if values["low"] > values["high"]:
+        if float(values["low"]) > float(values["high"]):
             raise InputError(f"--op canny: low {values['low']:g} is above high {values['high']:g}; make low <= high.")
 
     def halo_rows(self, values: Values) -> int:
         return canny.HALO_NEEDED_ROWS
 
     def apply(self, pixels: np.ndarray, values: Values) -> np.ndarray:
-        return canny.canny_reference(pixels, values["low"], values["high"]).astype(np.uint8) * np.uint8(255)
+        return canny.canny_reference(pixels, float(values["low"]), float(values["high"])).astype(np.uint8) * np.uint8(255)
 
     def compute(self, pixels: np.ndarray, strip: Strip, height: int, values: Values) -> canny.StripEdges:
         return canny.canny_strip(
-            pixels, strip.halo_top, strip.halo_bottom, values["low"], values["high"],
+            pixels, strip.halo_top, strip.halo_bottom, float(values["low"]), float(values["high"]),
             seam_above=strip.row0 > 0, seam_below=strip.row1 < height,
         )
 

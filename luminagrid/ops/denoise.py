@@ -26,8 +26,8 @@ class Denoise(Operation):
     def apply(self, pixels: np.ndarray, values: Values) -> np.ndarray:
         t, s = int(values["template_window"]), int(values["search_window"])
         if pixels.ndim == 2:
-            return cv2.fastNlMeansDenoising(pixels, None, values["h"], t, s)
-        return cv2.fastNlMeansDenoisingColored(pixels, None, values["h"], values["h_color"], t, s)
+            return cv2.fastNlMeansDenoising(pixels, None, float(values["h"]), t, s)
+        return cv2.fastNlMeansDenoisingColored(pixels, None, float(values["h"]), float(values["h_color"]), t, s)
 
 
 OP = Denoise()

@@ -21,10 +21,10 @@ class Gaussian(Operation):
     strip_pixels = 1_000_000  # cheap per pixel, like Canny
 
     def halo_rows(self, values: Values) -> int:
-        return kernel_size(values["sigma"]) // 2
+        return kernel_size(float(values["sigma"])) // 2
 
     def apply(self, pixels: np.ndarray, values: Values) -> np.ndarray:
-        return cv2.GaussianBlur(pixels, (0, 0), values["sigma"])
+        return cv2.GaussianBlur(pixels, (0, 0), float(values["sigma"]))
 
 
 OP = Gaussian()
