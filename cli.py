@@ -26,6 +26,7 @@ import typer  # noqa: E402
 
 from luminagrid import report  # noqa: E402
 from luminagrid.errors import (  # noqa: E402
+    CheckFailed,
     ConfigError,
     EmbeddedError,
     InputError,
@@ -78,8 +79,16 @@ HELP_SUBMIT = (
     "beside each (Canny: <stem>.edges.png). IMAGES may be files, folders and glob patterns. "
     "With LUMINAGRID_BROKER_URL unset and no Redis on localhost, runs embedded."
 )
-HELP_OPS = "List the operations and their parameters (for submit --op NAME -p NAME=VALUE)."
-HELP_OP = "Operation (default canny; also gaussian, bilateral, denoise). See `python cli.py ops`."
+HELP_OPS = ("List the operations, built in and from installed packages (with package and version), and their "
+            "parameters (for submit --op NAME -p NAME=VALUE).")
+HELP_CHECK_OP = (
+    "Check that operation NAME's declared halo is enough: its strips, cut on every row with exactly that halo, "
+    "against the whole image, on generated images at its parameters' range ends. Exit 0 only if every case is "
+    "identical; else 1, with the smallest halo that was. Runs in this process; needs no Redis."
+)
+HELP_CHECK_PARAM = "Hold a parameter at NAME=VALUE (the others are tried at their range ends); repeatable."
+HELP_OP = ("Operation (default canny; also gaussian, bilateral, denoise, and those of installed packages). "
+           "See `python cli.py ops`.")
 HELP_PARAM = "An operation parameter as NAME=VALUE, e.g. -p d=9 -p sigma_color=75; repeatable."
 HELP_OUT_DIR = "Folder for the outputs (created if missing). Default: beside each input."
 HELP_JOBS = f"Images in flight at once in a batch (1-{MAX_JOBS_IN_FLIGHT})."
@@ -546,16 +555,74 @@ def _submit_detached(sources: list[str], params: job_params.Params, settings: Se
 
 
 @app.command(name="ops", help=HELP_OPS)
-def list_ops() -> None:
+@exits
+def list_ops(
+    json_out: Annotated[bool, typer.Option("--json", help=HELP_JSON)] = False,
+) -> None:
     from rich.table import Table  # noqa: PLC0415
 
+    state["json"] = json_out
     table = Table("op", "parameter", "default", "range", "meaning", title="operations (submit --op NAME -p NAME=VALUE)")
     for operation in ops.REGISTRY.values():
-        table.add_row(f"[bold]{operation.name}[/]", "", "", "", operation.summary)
+        origin = ops.origin(operation.name)
+        table.add_row(f"[bold]{operation.name}[/]", "", "", "", f"{operation.summary} [dim](from {origin})[/]")
         for p in operation.params:
-            kind = "odd integer" if p.odd else "integer" if p.kind is int else "number"
-            table.add_row("", p.name, f"{p.default:g}", f"{p.lo:g}-{p.hi:g} ({kind})", p.help)
+            table.add_row("", p.name, p.default_text, p.range_text, p.help)
+        if json_out:
+            report.emit({"op": operation.name, "package": origin.package, "version": origin.version,
+                         "entry_point": origin.entry_point, "summary": operation.summary,
+                         "params": [{"name": p.name, "kind": p.kind.__name__, "default": p.default,
+                                     "range": p.range_text, "choices": list(p.choices) or None, "help": p.help}
+                                    for p in operation.params]})
     _console(soft_wrap=True).print(table)
+    for name, why in ops.broken().items():
+        err.print(f"warning: operation {name} is not available: {why}", markup=False)
+        if json_out:
+            report.emit({"op": name, "error": why})
+
+
+@app.command(name="check-op", help=HELP_CHECK_OP)
+@exits
+def check_op(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="An operation, as `cli.py ops` lists it.")],
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help=HELP_CHECK_PARAM)] = None,  # noqa: UP045
+    json_out: Annotated[bool, typer.Option("--json", help=HELP_JSON)] = False,
+) -> None:
+    from luminagrid import exactness  # noqa: PLC0415
+
+    state["json"] = json_out
+    op = ops.get(name)
+    fixed = dict(_params(name, param or [], None, None).values)
+    held = {p.split("=", 1)[0].strip() for p in param or []}
+    origin = ops.origin(op.name)
+    _say(f"check-op {op.name} ({origin}): strips cut on every row with the declared halo exactly, against the whole "
+         "image; parameters at their range ends" + (f", {', '.join(sorted(held))} held" if held else ""))
+
+    def said(v: exactness.Verdict) -> None:
+        smallest = f"none up to {v.searched_rows}" if v.smallest_rows is None else str(v.smallest_rows)
+        _say(f"  {'ok  ' if v.ok else 'FAIL'} {v.values_text}: declared halo {exactness.rows(v.declared_rows)}, smallest "
+             f"identical {smallest}; {v.cases} cases")
+        if v.failure is not None:
+            _say(f"       e.g. {v.failure}")
+        if json_out:
+            report.emit({"op": op.name, "package": origin.package, "version": origin.version, "params": v.values,
+                         "ok": v.ok, "declared_halo_rows": v.declared_rows, "smallest_halo_rows": v.smallest_rows,
+                         "cases": v.cases, "failure": None if v.failure is None else str(v.failure)})
+
+    result = exactness.check(op, {k: v for k, v in fixed.items() if k in held}, on_verdict=said)
+    failed = [v for v in result.verdicts if not v.ok]
+    if failed:
+        worst = failed[0]
+        need = (f"no halo up to {exactness.rows(worst.searched_rows)} made every case identical (is it a local, "
+                "deterministic operation?)") if worst.smallest_rows is None else (
+            f"the smallest halo that made every case identical is {exactness.rows(worst.smallest_rows)}")
+        raise CheckFailed(
+            f"operation {op.name} ({origin}) is not exact across strips at {len(failed)} of {len(result.verdicts)} "
+            f"parameter sets; at {worst.values_text} it declares a halo of {exactness.rows(worst.declared_rows)} and {need}; "
+            f"fix its halo_rows(). First difference: {worst.failure}")
+    cases = sum(v.cases for v in result.verdicts)
+    _say(f"ok: {op.name} on strips is identical to the whole image in all {cases} cases at {len(result.verdicts)} "
+         f"parameter sets ({result.seconds:.1f} s)")
 
 
 def _ranges(indices: list[int]) -> str:

@@ -60,22 +60,23 @@ def max_strips_for(height: int) -> int:
     return max(1, math.ceil(height / ALIGN_ROWS))
 
 
-def plan_strips(height: int, count: int, halo_rows: int) -> list[Strip]:
-    """Cut `height` rows into at most `count` aligned strips of near-equal height.
+def plan_strips(height: int, count: int, halo_rows: int, align_rows: int = ALIGN_ROWS) -> list[Strip]:
+    """Cut `height` rows into at most `count` strips of near-equal height, on a grid of
+    `align_rows` rows (JPEG's 8; `exactness` cuts on every row, with halos of any size).
 
-    When the image has fewer 8-row blocks than `count` (e.g. a 1-row image), fewer strips are made:
-    a strip never has zero rows. `halo_rows` must be a multiple of `ALIGN_ROWS`.
+    When the image has fewer blocks than `count` (e.g. a 1-row image), fewer strips are made:
+    a strip never has zero rows. `halo_rows` must be a multiple of `align_rows`.
     """
     if height < 1:
         raise ValueError(f"height must be >= 1, got {height}")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    if halo_rows < 0 or halo_rows % ALIGN_ROWS:
-        raise ValueError(f"halo_rows must be a non-negative multiple of {ALIGN_ROWS}, got {halo_rows}")
-    blocks = max_strips_for(height)
+    if halo_rows < 0 or halo_rows % align_rows:
+        raise ValueError(f"halo_rows must be a non-negative multiple of {align_rows}, got {halo_rows}")
+    blocks = math.ceil(height / align_rows)
     n = min(count, blocks)
     # Block boundaries spread as evenly as integers allow; every strip gets >= 1 block.
-    edges = [min(height, ALIGN_ROWS * (i * blocks // n)) for i in range(n + 1)]
+    edges = [min(height, align_rows * (i * blocks // n)) for i in range(n + 1)]
     return [
         Strip(
             index=i,

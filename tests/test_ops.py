@@ -9,33 +9,36 @@ from conftest import bilateral_filter, synthetic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from luminagrid import codec, ops, strips
+from luminagrid import codec, exactness, ops, strips
 from luminagrid.codec import Codec
 from luminagrid.errors import InputError
 
-#: Small parameter sets per operation, chosen to stress halos (big windows) and to stay fast.
-PARAMS = {
-    "canny": st.fixed_dictionaries({"low": st.integers(0, 150), "high": st.integers(150, 400)}),
-    "gaussian": st.fixed_dictionaries({"sigma": st.floats(0.1, 6.0)}),
-    "bilateral": st.fixed_dictionaries(
-        {"d": st.integers(1, 15), "sigma_color": st.floats(1, 200), "sigma_space": st.floats(1, 200)}
-    ),
-    "denoise": st.fixed_dictionaries(
-        {"h": st.floats(1, 30), "template_window": st.sampled_from([1, 3, 5, 7]),
-         "search_window": st.sampled_from([1, 5, 11, 21])}
-    ),
-}
+def values_of(op: ops.Operation) -> st.SearchStrategy[dict]:
+    """Any parameters `op` accepts, across the whole range of each (odd ones odd, every choice)."""
+    def one(p: ops.Param) -> st.SearchStrategy:
+        if p.kind is str:
+            return st.sampled_from(p.choices)
+        if p.kind is int:
+            lo, hi = p.ends[0], p.ends[-1]
+            return st.integers(0, (int(hi) - int(lo)) // 2).map(lambda i: int(lo) + 2 * i) if p.odd else st.integers(int(lo), int(hi))
+        return st.floats(p.lo, p.hi)
+
+    def valid(values: dict) -> bool:
+        try:
+            op.values(values)
+        except InputError:
+            return False
+        return True
+    return st.fixed_dictionaries({p.name: one(p) for p in op.params}).filter(valid)
+
+
+#: Parameters per operation, each across its whole range (sigma to 50, d to 31, every window).
+PARAMS = {name: values_of(op) for name, op in ops.REGISTRY.items()}
 
 
 def distributed_in_process(op: ops.Operation, pixels: np.ndarray, count: int, values: ops.Values) -> np.ndarray:
-    """What the workers and the stitch compute, without Celery: strip by strip, then stitched."""
-    height, width = pixels.shape[:2]
-    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
-    parts = []
-    for s in strips.plan_strips(height, count, strips.halo_for(op.halo_rows(values))):
-        packed = op.pack(op.compute(pixels[s.top:s.bottom], s, height, values))
-        parts.append({**packed, "index": s.index, "row0": s.row0, "row1": s.row1})
-    return op.collect(op.stitch(parts, width, channels), height, width, channels)
+    """What the workers and the stitch compute, without Celery, on the cluster's 8-row grid."""
+    return exactness.distributed(op, pixels, count, strips.halo_for(op.halo_rows(values)), values, strips.ALIGN_ROWS)
 
 
 @pytest.mark.parametrize("name", list(ops.REGISTRY))
