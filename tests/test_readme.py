@@ -23,3 +23,13 @@ def test_the_readme_has_a_run_command_and_a_test_command() -> None:
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
     _, test = readme_commands()
     assert test in (REPO / ".ci" / "run").read_text().splitlines()
+
+
+def test_the_readmes_own_operation_is_the_example_plugins_code() -> None:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Your own operation"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert block is not None
+    median = (REPO / "examples" / "plugin" / "luminagrid_example_ops" / "median.py").read_text()
+    assert block.group(1) in median
+    assert 'median = "luminagrid_example_ops.median:OP"' in (REPO / "examples" / "plugin" / "pyproject.toml").read_text()
