@@ -712,8 +712,8 @@ def result(
     started = time.perf_counter()
     _connect()
     job = jobs.Job.find(job_id)
-    op = job.spec.operation
     try:
+        op = job.spec.operation  # (OperationUnavailable where this node lacks the job's operation)
         if out is None:
             out = _recorded_output(job)
         else:

@@ -91,8 +91,9 @@ def _one_opencv_thread(**_: object) -> None:
 @worker_ready.connect
 def _start_node(sender: object, **_: object) -> None:
     # Imported here: `luminagrid.worker` needs the tasks, which need this app.
-    from luminagrid import worker  # noqa: PLC0415
+    from luminagrid import ops, worker  # noqa: PLC0415
 
+    ops.log_broken()  # installed operations that did not load: in the worker's log, once
     worker.start(str(getattr(sender, "hostname", "") or "worker"))
 
 

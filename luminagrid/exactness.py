@@ -110,9 +110,11 @@ def distributed(op: ops.Operation, pixels: np.ndarray, count: int, halo_rows: in
     channels = 1 if pixels.ndim == 2 else pixels.shape[2]
     parts = []
     for s in strips.plan_strips(height, count, halo_rows, align_rows):
-        packed = op.pack(op.compute(pixels[s.top:s.bottom], s, height, values))
+        # A copy, as a worker has its own decoded strip: an `apply` that writes into its input
+        # must not change its neighbours' halos (nor the image the next case reuses).
+        packed = op.pack(op.compute(pixels[s.top:s.bottom].copy(), s, height, values))
         parts.append({**packed, "index": s.index, "row0": s.row0, "row1": s.row1})
-    return op.collect(op.stitch(parts, width, op.output_channels(channels)), height, width, op.output_channels(channels))
+    return op.collect(op.stitch(parts, width, channels), height, width, channels)  # as the job's spec.channels
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ class _Cases:
         if key not in self._wholes:
             pixels = self.op.prepare(picture(c.content, c.height, c.width, c.channels, c.seed))
             try:
-                self._wholes[key] = pixels, self.op.apply(pixels.copy(), self.values)
+                self._wholes[key] = pixels, self.op.apply(pixels.copy(), self.values)  # (copy: see `distributed`)
             except Exception as exc:  # noqa: BLE001 - the operation's own failure is the finding
                 self._wholes[key] = pixels, f"apply on the whole image raised {type(exc).__name__}: {exc}"
         return self._wholes[key]

@@ -29,8 +29,8 @@ MAX_ID_CHARS = 64
 PAYLOAD_SLACK_BYTES = 64 * 1024
 #: Bounds on the words a job message carries: parameter and package names, versions, fields.
 MAX_NAME_CHARS = 100
-MAX_PARAMS = 32
-MAX_FIELDS = 16
+MAX_PARAMS = ops.MAX_PARAMS
+MAX_FIELDS = ops.MAX_FIELDS
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class JobSpec:
         """A new job's spec for operation `op` at validated `values`: its origin and halo filled in."""
         where = ops.origin(op.name)
         return cls(op=op.name, params=dict(values), package=where.package, version=where.version,
-                   halo_rows=strips.halo_for(op.halo_rows(values)), fields=tuple(op.fields), **fields)
+                   halo_rows=strips.halo_for(ops.check_halo(op, values)), fields=tuple(op.fields), **fields)
 
     @functools.cached_property
     def operation(self) -> ops.Operation:
@@ -89,16 +89,21 @@ def resolve(spec: JobSpec, where: str = "this node") -> ops.Operation:
     try:
         op = ops.get(spec.op)
     except InputError:
+        if ops.canonical(spec.package) == ops.canonical(ops.BUILT_IN.package):
+            raise OperationUnavailable(
+                f"{where} has no operation {spec.op!r}, which the submitter's luminagrid {spec.version} has built in; "
+                f"this node runs luminagrid {ops.BUILT_IN.version}: run the same luminagrid on every node") from None
         raise OperationUnavailable(
             f"{where} has no operation {spec.op!r}: the job was submitted with it from package {wanted}; install "
             f"that package on every worker (pip install '{spec.package}=={spec.version}') and restart them") from None
     except OperationUnavailable as exc:  # installed, but it failed to load here
         raise OperationUnavailable(f"{where}: {exc}") from None
     here = ops.origin(op.name)
-    if (here.package, here.version) != (spec.package, spec.version):
+    if (ops.canonical(here.package), here.version) != (ops.canonical(spec.package), spec.version):
+        what = "version" if ops.canonical(here.package) == ops.canonical(spec.package) else "package and version"
         raise OperationUnavailable(
             f"{where} has operation {spec.op!r} from {here}, but the job was submitted with {wanted}; every node "
-            f"must run the same version (the output is exact only then): install {spec.package}=={spec.version} "
+            f"must run the same {what} (the output is exact only then): install {spec.package}=={spec.version} "
             "on every node, or the same newer version everywhere")
     try:
         values = op.values(spec.params)
@@ -109,7 +114,7 @@ def resolve(spec: JobSpec, where: str = "this node") -> ops.Operation:
                            f"(expected {values})")
     if spec.channels == 3 and not op.colour:
         raise MessageError(f"job {spec.id}: {spec.channels} channels do not suit operation {op.name}")
-    halo_rows = strips.halo_for(op.halo_rows(values))
+    halo_rows = strips.halo_for(ops.check_halo(op, values))
     if (halo_rows, tuple(op.fields)) != (spec.halo_rows, spec.fields):
         raise OperationUnavailable(
             f"{where}'s operation {spec.op!r} ({here}) asks for a halo of {halo_rows} rows and fields {list(op.fields)}, "

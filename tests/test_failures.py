@@ -376,10 +376,14 @@ def test_forged_strip_messages_are_rejected_without_harming_the_workers(
     [
         ({**JOB, "version": "0.0.1"}, f"has operation 'canny' from luminagrid {ops.origin('canny').version}, but the job "
                                       "was submitted with luminagrid 0.0.1; every node must run the same version"),
-        ({**JOB, "package": "other-ops"}, "but the job was submitted with other-ops"),
+        ({**JOB, "package": "other-ops"}, f"but the job was submitted with other-ops {JOB['version']}; every node must run "
+                                          "the same package and version"),
         ({**JOB, "halo_rows": 16}, "asks for a halo of 8 rows and fields ['edges', 'pending', 'seam_pending', 'first', "
                                    "'last', 'labels'], but the job was cut with 16 rows"),
-        ({**JOB, "op": "sharpen"}, "has no operation 'sharpen': the job was submitted with it from package luminagrid "),
+        ({**JOB, "op": "sharpen"}, "has no operation 'sharpen', which the submitter's luminagrid "),
+        ({**JOB, "op": "sharpen", "package": "Sharp_Ops", "version": "2.0"},
+         "has no operation 'sharpen': the job was submitted with it from package Sharp_Ops 2.0; install that package on "
+         "every worker (pip install 'Sharp_Ops==2.0') and restart them"),
     ],
 )
 def test_a_message_from_other_code_is_refused_naming_the_worker_and_both_versions(

@@ -31,11 +31,14 @@ GROUP = "luminagrid.ops"
 NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 #: Largest halo (rows) an operation may ask for, at any parameters; the messages check it.
 MAX_HALO_ROWS = 4096
+#: Most parameters, and most result fields, an operation may have (bounds of every message).
+MAX_PARAMS = 32
+MAX_FIELDS = 16
 DEFAULT = DEFAULT_OP
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT", "GROUP", "REGISTRY", "Operation", "Origin", "Param", "Value", "Values", "broken", "get",
-           "origin"]
+__all__ = ["DEFAULT", "GROUP", "REGISTRY", "Operation", "Origin", "Param", "Value", "Values", "broken", "canonical",
+           "check_halo", "get", "log_broken", "origin"]
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,20 @@ def problems(op: object, name: str) -> list[str]:
         found.append("it has no `summary` (a one-line description)")
     if type(op).apply is Operation.apply:
         found.append("it does not define `apply(pixels, values)`")
+    suffix = getattr(op, "suffix", "")
+    if not isinstance(suffix, str) or not NAME.fullmatch(suffix):
+        found.append(f"its suffix {suffix!r} (output <stem>.<suffix>.png) is not 1-32 lowercase letters, digits or _")
+    fields = getattr(op, "fields", None)
+    if not isinstance(fields, tuple) or not 0 < len(fields) <= MAX_FIELDS or not all(
+            isinstance(f, str) and NAME.fullmatch(f) for f in fields):
+        found.append(f"its fields {fields!r} are not a tuple of 1-{MAX_FIELDS} names")
     params = getattr(op, "params", None)
-    if not isinstance(params, tuple) or not all(isinstance(p, Param) for p in params):
-        return [*found, "`params` is not a tuple of luminagrid.ops.Param"]
+    if not isinstance(params, tuple) or not all(isinstance(p, Param) for p in params) or len(params) > MAX_PARAMS:
+        return [*found, f"`params` is not a tuple of at most {MAX_PARAMS} luminagrid.ops.Param"]
     for p in params:
+        if not isinstance(p.name, str) or not NAME.fullmatch(p.name):
+            found.append(f"parameter name {p.name!r} is not 1-32 lowercase letters, digits or _")
+            continue
         if p.kind not in (int, float, str):
             found.append(f"parameter {p.name!r} has kind {p.kind!r}; use int, float, or Param.choice")
         elif p.kind is str and not (p.choices and all(isinstance(c, str) and 0 < len(c) <= MAX_CHOICE_CHARS
@@ -90,8 +103,10 @@ def problems(op: object, name: str) -> list[str]:
             found.append(f"parameter {p.name!r} needs choices of 1-{MAX_CHOICE_CHARS} characters")
         else:
             try:
-                if p.parse(p.default, name) != p.default:
-                    found.append(f"parameter {p.name!r}'s default {p.default!r} is not of its kind {p.kind.__name__}")
+                parsed = p.parse(p.default, name)
+                if parsed != p.default or type(parsed) is not type(p.default):
+                    found.append(f"parameter {p.name!r}'s default {p.default!r} is not a {p.kind.__name__} "
+                                 f"(write {parsed!r})")
             except InputError as exc:
                 found.append(f"parameter {p.name!r}'s default does not pass its own check: {exc}")
     if found:
@@ -102,16 +117,17 @@ def problems(op: object, name: str) -> list[str]:
         return [f"halo_rows() at the defaults raised {type(exc).__name__}: {exc}"]
     if type(halo) is not int or not 0 <= halo <= MAX_HALO_ROWS:  # noqa: E721 - exactly an int
         return [f"halo_rows() at the defaults is {halo!r}, not a whole number of rows from 0 to {MAX_HALO_ROWS}"]
-    return []
+    return []  # (at other values the submitter checks the halo of each job: `check_halo`)
 
 
 def _register(entry: importlib.metadata.EntryPoint) -> None:
     dist = entry.dist
     where = Origin(dist.name if dist else "an unnamed package", dist.version if dist else "?",
                    f"{entry.name} = {entry.value}")
-    if entry.name in _ORIGINS:
-        _BROKEN[entry.name] = (f"{where} registers operation {entry.name!r} ({entry.value}), which "
-                               f"{_ORIGINS[entry.name]} provides already; uninstall one of the two packages")
+    if entry.name in _ORIGINS:  # (kept under its package's name too: the one registered works)
+        _BROKEN[f"{entry.name} of {where.package}"] = (
+            f"{where} registers operation {entry.name!r} ({entry.value}), which {_ORIGINS[entry.name]} provides "
+            "already; uninstall one of the two packages")
         return
     try:
         op = entry.load()
@@ -127,13 +143,16 @@ def _register(entry: importlib.metadata.EntryPoint) -> None:
 
 
 def _load_plugins() -> None:
+    """Register every entry point of group `luminagrid.ops` (at import: the end of this module,
+    so a plugin may import anything from it)."""
     for entry in sorted(importlib.metadata.entry_points(group=GROUP), key=lambda e: e.name):
         _register(entry)
+
+
+def log_broken() -> None:
+    """Log a warning per entry point that was not registered (a worker does, once it is up)."""
     for name, why in _BROKEN.items():
         log.warning("operation %s is not available: %s", name, why)
-
-
-_load_plugins()
 
 
 def get(name: str) -> Operation:
@@ -156,3 +175,22 @@ def origin(name: str) -> Origin:
 def broken() -> dict[str, str]:
     """Entry points of group `luminagrid.ops` that were not registered, and why."""
     return dict(_BROKEN)
+
+
+def canonical(package: str) -> str:
+    """A distribution name as pip compares them: "Foo_Ops" and "foo-ops" are one package."""
+    return re.sub(r"[-_.]+", "-", package).lower()
+
+
+def check_halo(op: Operation, values: Values) -> int:
+    """`op.halo_rows(values)`, checked: a whole number of rows from 0 to `MAX_HALO_ROWS`, else
+    `OperationUnavailable` (the operation is broken at these values, not the user's input)."""
+    halo = op.halo_rows(values)
+    if type(halo) is not int or not 0 <= halo <= MAX_HALO_ROWS:  # noqa: E721 - exactly an int
+        raise OperationUnavailable(
+            f"operation {op.name} ({origin(op.name)}) declares a halo of {halo!r} rows at {values}; a halo must be a "
+            f"whole number of rows from 0 to {MAX_HALO_ROWS}: fix its halo_rows()")
+    return halo
+
+
+_load_plugins()

@@ -118,7 +118,7 @@ class Operation:
     bilevel: ClassVar[bool] = False
     #: fields of strip results the stitch fetches; the rest it only checks are there (claims)
     stitch_fields: ClassVar[tuple[str, ...]] = ()
-    #: output file name: `<stem>.<suffix>.png`
+    #: output file name: `<stem>.<suffix>.png` (default: the operation's name)
     suffix: ClassVar[str] = ""
     #: pixels per strip when the user does not choose a count (halo work vs load balance)
     strip_pixels: ClassVar[int] = 2_000_000
@@ -127,6 +127,11 @@ class Operation:
     one_strip_pixels: ClassVar[int] = 0
     #: the byte fields of what `pack` and `stitch` return (large ones travel as claim checks)
     fields: ClassVar[tuple[str, ...]] = ("pixels",)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("suffix") and isinstance(cls.__dict__.get("name"), str):
+            cls.suffix = cls.__dict__["name"]
 
     # --- parameters -------------------------------------------------------------------------------
 

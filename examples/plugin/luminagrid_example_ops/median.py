@@ -19,7 +19,7 @@ class Median(Operation):
         return int(values["ksize"]) // 2
 
     def apply(self, pixels: np.ndarray, values: Values) -> np.ndarray:
-        # pixels: (H, W) uint8 gray or (H, W, 3) uint8 BGR (`colour = False`: always gray)
+        # pixels: (H, W) uint8 gray, or (H, W, 3) uint8 BGR for a colour input (set `colour = False`: always gray)
         return cv2.medianBlur(pixels, int(values["ksize"]))
 
 
