@@ -60,7 +60,7 @@ class OneShort(Operation):
 
 @pytest.mark.parametrize(("name", "given"), [
     ("bilateral", {"d": 9}), ("bilateral", {"d": 31}), ("denoise", {"search_window": 5, "template_window": 3}),
-    ("denoise", {}),
+    ("denoise", {}), ("gaussian", {"sigma": 2.0}),
 ])
 def test_a_halo_one_row_short_is_caught_with_the_halo_that_was_needed(name: str, given: dict) -> None:
     real = ops.get(name)
