@@ -8,7 +8,7 @@ shows even where the cluster's rounding up to 8 rows would hide it today.
 
 The cases: generated images (noise, sparse impulses, a photo-like scene; gray, and colour if the
 operation computes in colour; one row, a few halos tall, many halos tall), cut into 2, 3, 7 and
-up to 24 strips (strips thinner than the halo included), at parameter sets with each free
+up to 12 strips (strips thinner than the halo included), at parameter sets with each free
 parameter at each end of its range (every choice of a choice parameter), and all free numbers at
 their low ends and all at their high ends (with every combination of choices). For each
 parameter set it also finds the smallest halo that makes every case identical, so a failing
@@ -32,7 +32,7 @@ from luminagrid.errors import InputError
 #: Image contents, in the order they are tried (the most revealing first).
 CONTENTS = ("noise", "impulses", "photo")
 #: Most strips a case is cut into (the 1-row strips of a small image, at most).
-MAX_CASE_STRIPS = 24
+MAX_CASE_STRIPS = 12
 #: Most combinations of choice parameters' values tried (each with the numbers low and high).
 MAX_CHOICE_SETS = 64
 #: A failing halo is searched upwards to at least this many rows (and to 4 times the declared).

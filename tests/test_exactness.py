@@ -35,7 +35,7 @@ def test_every_built_in_operation_is_exact_at_the_ends_of_its_parameter_ranges(n
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(data=st.data())
 def test_every_built_in_operation_is_exact_anywhere_in_its_parameter_ranges(name: str, data: st.DataObject) -> None:
     op = ops.get(name)

@@ -2,9 +2,11 @@
 `check-op`, and refused with a clear message by a worker that lacks the package or has another
 version of it.
 
-The package is installed with pip into folders of its own (`pip install --target`), put on the
-`PYTHONPATH` of exactly the processes that should have it: the workers of `plugin_cluster` and
-the `cli.py` subprocesses that submit. The session's shared cluster never has it.
+The package is installed with pip into a folder of its own (`pip install --target`, built from
+its `pyproject.toml`), and variants of that install (another version; a halo one row short) into
+others; each folder goes on the `PYTHONPATH` of exactly the processes that should have it: the
+workers of a cluster and the `cli.py` subprocesses that submit. The session's shared cluster
+never has it.
 """
 
 from __future__ import annotations
@@ -39,13 +41,23 @@ def pip_install(source: Path, target: Path) -> Path:
     return target
 
 
-def copy_with(tmp: Path, name: str, version: str, edit: tuple[str, str, str] | None = None) -> Path:
-    """A copy of the example plugin at `version`, with one file's text replaced (path, old, new).
-    Installed from copies: pip leaves `build/` and `*.egg-info` in the folder it installs from."""
+def copy_of(target: Path) -> Path:
+    """The example plugin's source, copied: pip leaves `build/` and `*.egg-info` where it builds."""
+    shutil.copytree(PLUGIN, target, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    return target
+
+
+def variant(site: Path, tmp: Path, name: str, version: str, edit: tuple[str, str, str] | None = None) -> Path:
+    """A copy of an installed site with the package's version changed (what pip would have made
+    of the same source at `version`; one pip build is enough), one file's text replaced (path,
+    old, new)."""
     copy = tmp / name
-    shutil.copytree(PLUGIN, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    pyproject = copy / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace('version = "0.1.0"', f'version = "{version}"'))
+    shutil.copytree(site, copy)
+    (info,) = copy.glob("luminagrid_example_ops-*.dist-info")
+    metadata = (info / "METADATA").read_text()
+    assert "\nVersion: 0.1.0\n" in metadata
+    (info / "METADATA").write_text(metadata.replace("\nVersion: 0.1.0\n", f"\nVersion: {version}\n"))
+    info.rename(copy / f"luminagrid_example_ops-{version}.dist-info")
     if edit:
         path, old, new = edit
         text = (copy / path).read_text()
@@ -56,15 +68,16 @@ def copy_with(tmp: Path, name: str, version: str, edit: tuple[str, str, str] | N
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Folders with the plugin installed: "v1" as shipped (0.1.0), "v2" the same code as 0.2.0,
-    "short" a 0.1.1 whose median declares a halo one row short."""
+    """Folders with the plugin installed: "v1" as shipped (0.1.0, installed by pip), "v2" the same
+    code as 0.2.0, "short" a 0.1.1 whose median declares a halo one row short."""
     tmp = tmp_path_factory.mktemp("plugins")
+    v1 = pip_install(copy_of(tmp / "src"), tmp / "site-v1")  # (a copy: pip builds in the source folder)
     return {
-        "v1": pip_install(copy_with(tmp, "src-v1", "0.1.0"), tmp / "site-v1"),  # (pip builds in the source folder)
-        "v2": pip_install(copy_with(tmp, "src-v2", "0.2.0"), tmp / "site-v2"),
-        "short": pip_install(copy_with(tmp, "src-short", "0.1.1", (
+        "v1": v1,
+        "v2": variant(v1, tmp, "site-v2", "0.2.0"),
+        "short": variant(v1, tmp, "site-short", "0.1.1", (
             "luminagrid_example_ops/median.py", 'return int(values["ksize"]) // 2', 'return int(values["ksize"]) // 2 - 1',
-        )), tmp / "site-short"),
+        )),
     }
 
 
