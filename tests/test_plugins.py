@@ -26,6 +26,9 @@ from conftest import REPO, synthetic
 from test_cli import run
 
 from luminagrid import exactness, ops, strips
+from luminagrid import record as records
+from luminagrid.errors import OperationUnavailable
+from luminagrid.record import Record
 from luminagrid.local import LocalCluster
 
 PLUGIN = REPO / "examples" / "plugin"
@@ -233,3 +236,18 @@ def test_a_plugin_that_fails_to_load_is_reported_not_fatal(tmp_path: Path) -> No
     asked = run(["check-op", "sharpen"], env)
     assert asked.returncode == 1
     assert "error: operation 'sharpen' is installed but unusable: broken_ops 1.0: loading" in asked.stderr
+
+
+def test_a_node_without_the_plugin_still_reads_its_jobs_records_to_supervise_them() -> None:
+    """The supervisor of a node that lacks an operation plans, recovers and cleans up its jobs from
+    what the record carries (halo, fields), and only the tasks insist on the operation itself.
+    This test process has no plugin."""
+    raw = json.dumps({"id": "j1", "op": "median", "params": {"ksize": 15}, "width": 90, "height": 120, "channels": 3,
+                      "strips": 3, "codec": "jpeg", "quality": 95, "file": False, "package": PACKAGE, "version": "0.1.0",
+                      "halo_rows": 8, "fields": ["pixels"], "output": "/tmp/x.png", "submitted_at": 1.0, "state": "running"})
+    rec = Record.from_json(raw, 10**6)
+    assert [(s.top, s.row0, s.row1, s.bottom) for s in rec.plan()] == [(0, 0, 40, 48), (32, 40, 80, 88), (72, 80, 120, 120)]
+    assert "luminagrid:out:j1:2:pixels" in [k if isinstance(k, str) else k.decode() for k in records.data_keys(rec)]
+    with pytest.raises(OperationUnavailable, match="this node has no operation 'median': the job was submitted with it "
+                                                   f"from package {PACKAGE} 0.1.0"):
+        rec.spec.operation  # noqa: B018 - what collecting the output (or a task) needs
