@@ -341,14 +341,20 @@ def _emit_failed(exc: BaseException, source: str | None, params: job_params.Para
     ))
 
 
-def _params(op: str, given: list[str], low: float | None, high: float | None, **rest: object) -> job_params.Params:
-    """Validated job parameters from the command line (`-p NAME=VALUE`, and Canny's --low/--high)."""
+def _given(given: list[str]) -> dict[str, str | float]:
+    """`-p NAME=VALUE` options by name, as text (the operation parses them)."""
     values: dict[str, str | float] = {}
     for text in given:
         name, sep, value = text.partition("=")
         if not sep or not name.strip():
             raise InputError(f"-p {text!r} is not NAME=VALUE; write e.g. -p d=9.")
         values[name.strip()] = value
+    return values
+
+
+def _params(op: str, given: list[str], low: float | None, high: float | None, **rest: object) -> job_params.Params:
+    """Validated job parameters from the command line (`-p NAME=VALUE`, and Canny's --low/--high)."""
+    values = _given(given)
     for name, value in (("low", low), ("high", high)):
         if value is not None:
             if op != "canny":
@@ -592,8 +598,8 @@ def check_op(
 
     state["json"] = json_out
     op = ops.get(name)
-    fixed = dict(_params(name, param or [], None, None).values)
-    held = {p.split("=", 1)[0].strip() for p in param or []}
+    held = _given(param or [])
+    op.values(held)  # bad names or values: refused before anything is printed
     origin = ops.origin(op.name)
     _say(f"check-op {op.name} ({origin}): strips cut on every row with the declared halo exactly, against the whole "
          "image; parameters at their range ends" + (f", {', '.join(sorted(held))} held" if held else ""))
@@ -609,7 +615,7 @@ def check_op(
                          "ok": v.ok, "declared_halo_rows": v.declared_rows, "smallest_halo_rows": v.smallest_rows,
                          "cases": v.cases, "failure": None if v.failure is None else str(v.failure)})
 
-    result = exactness.check(op, {k: v for k, v in fixed.items() if k in held}, on_verdict=said)
+    result = exactness.check(op, held, on_verdict=said)
     failed = [v for v in result.verdicts if not v.ok]
     if failed:
         worst = failed[0]

@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from photos import photo_like  # noqa: E402
+from photos import noisy, photo_like  # noqa: E402
 
 from luminagrid import batch, broker, claims, ops  # noqa: E402
 from luminagrid.app import use_broker  # noqa: E402
@@ -206,7 +206,7 @@ def tiny_jobs(strips: int) -> Callable[[], Job]:
 
 def claim_bytes(client: Any, job: Job) -> int:
     """Bytes a finished, uncollected job holds in claims (payloads and outputs)."""
-    keys = claims.keys_of(job.id, job.strip_count, job.spec.operation.fields)
+    keys = claims.keys_of(job.id, job.strip_count, job.spec.fields)
     with client.pipeline(transaction=False) as pipe:
         for k in keys:
             pipe.strlen(k)
@@ -214,16 +214,6 @@ def claim_bytes(client: Any, job: Job) -> int:
 
 
 # --- 4. per operation and size --------------------------------------------------------------------
-
-
-def noisy(image: np.ndarray, sigma: float = 10.0) -> np.ndarray:
-    """With Gaussian sensor-like noise (what `denoise` is for; as `bench/ops.py`), a band at a time."""
-    rng = np.random.default_rng(0)
-    out = np.empty_like(image)
-    for r in range(0, image.shape[0], 512):
-        band = image[r:r + 512]
-        out[r:r + 512] = np.clip(band + rng.normal(0, sigma, band.shape), 0, 255).astype(np.uint8)
-    return out
 
 
 def one_machine(op: ops.Operation, image: np.ndarray, repeats: int) -> tuple[np.ndarray, list[float]]:
@@ -458,7 +448,7 @@ def main() -> None:
                       f"{case['median']['workers_cpu_s']:.2f} worker s, exact {case['exact']} "
                       f"({time.monotonic() - started:.0f} s)", flush=True)
         report["cases"] = cases
-        report["worker_logs"] = {n.name: (folder / f"{n.name.split('@')[0]}.log").read_text(errors="replace")[-2000:] for n in nodes}
+        report["worker_logs"] = {n.name: n.log_path.read_text(errors="replace")[-2000:] for n in nodes}
     finally:
         for node in nodes:
             node.stop()

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from photos import photo_like  # noqa: E402
+from photos import noisy, photo_like  # noqa: E402
 from run import interleaved  # noqa: E402
 
 import luminagrid  # noqa: E402
@@ -59,12 +59,6 @@ for src in sorted(Path(sys.argv[3]).glob("*.png")):
     img = op.prepare(cv2.imread(str(src), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR))
     cv2.imwrite(str(Path(sys.argv[4]) / f"{src.stem}.{op.suffix}.png"), op.apply(img, values))
 """
-
-
-def noisy(image: np.ndarray, sigma: float = 10.0) -> np.ndarray:
-    """The photo with Gaussian sensor-like noise: what `denoise` is for."""
-    rng = np.random.default_rng(0)
-    return np.clip(image + rng.normal(0, sigma, image.shape), 0, 255).astype(np.uint8)
 
 
 def input_for(op: str, width: int, height: int, mode: str) -> np.ndarray:

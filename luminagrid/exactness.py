@@ -37,6 +37,9 @@ MAX_CASE_STRIPS = 12
 MAX_CHOICE_SETS = 64
 #: A failing halo is searched upwards to at least this many rows (and to 4 times the declared).
 SEARCH_MIN_ROWS = 64
+#: Images are sized for a halo of at least this many rows (so small halos still get strips
+#: with full halos on both sides).
+MIN_REACH_ROWS = 4
 #: Width of the generated images (columns add little: the halo is about rows).
 WIDTHS = (29, 47)
 
@@ -161,8 +164,6 @@ class Verdict:
 
 @dataclass
 class Report:
-    op: str
-    origin: ops.Origin
     verdicts: list[Verdict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -176,7 +177,7 @@ class _Cases:
 
     def __init__(self, op: ops.Operation, values: ops.Values, reach_rows: int) -> None:
         self.op, self.values = op, values
-        self.cases = cases_for(op, reach_rows)
+        self.cases = cases_for(op, max(reach_rows, MIN_REACH_ROWS))
         self._wholes: dict[tuple[str, int, int, int, int], tuple[np.ndarray, np.ndarray | str]] = {}
         self.first = 0  # the case that failed last is tried first at the next halo
 
@@ -218,8 +219,9 @@ class _Cases:
         return None
 
 
-def smallest_halo(op: ops.Operation, values: ops.Values, declared_rows: int, declared_ok: bool) -> tuple[int | None, int]:
-    """The smallest halo at which every case is identical, and the largest halo tried.
+def smallest_halo(cases: _Cases, declared_rows: int, declared_ok: bool) -> tuple[int | None, int]:
+    """The smallest halo at which every case is identical, and the largest halo tried; `cases`
+    are those the declared halo was checked on (their images and whole results made already).
 
     A bisection, on the premise that more halo never hurts (a strip with more of its neighbours
     is closer to the whole image). If the declared halo passed, it searches below it on the same
@@ -227,12 +229,12 @@ def smallest_halo(op: ops.Operation, values: ops.Values, declared_rows: int, dec
     tried) up to 4 times the declared halo or `SEARCH_MIN_ROWS`, then bisects; None if none of
     those makes every case identical (the operation is not local, or not deterministic)."""
     if declared_ok:
-        bad, good, cases = -1, declared_rows, _Cases(op, values, max(declared_rows, 4))
+        bad, good = -1, declared_rows
     else:
         bad, step, limit = declared_rows, 1, min(ops.MAX_HALO_ROWS, max(SEARCH_MIN_ROWS, 4 * declared_rows))
         while True:
             good = min(declared_rows + step, limit)
-            cases = _Cases(op, values, max(good, 4))
+            cases = _Cases(cases.op, cases.values, good)
             if cases.first_mismatch(good) is None:
                 break
             if good >= limit:
@@ -279,11 +281,11 @@ def check_values(op: ops.Operation, values: ops.Values, find_smallest: bool = Tr
     """The check at one parameter set: every case at the declared halo, then (if `find_smallest`)
     the smallest halo that makes every case identical."""
     declared = op.halo_rows(values)
-    cases = _Cases(op, values, max(declared, 4))
+    cases = _Cases(op, values, declared)
     verdict = Verdict(values=values, declared_rows=declared, cases=len(cases.cases))
     verdict.failure = cases.first_mismatch(declared)
     if find_smallest:
-        verdict.smallest_rows, verdict.searched_rows = smallest_halo(op, values, declared, verdict.ok)
+        verdict.smallest_rows, verdict.searched_rows = smallest_halo(cases, declared, verdict.ok)
     return verdict
 
 
@@ -292,7 +294,7 @@ def check(op: ops.Operation, fixed: Mapping[str, Any] | None = None,
     """Check `op` at every parameter set (`parameter_sets`); `on_verdict` sees each as it is done.
     `fixed`: parameters the user set (`-p NAME=VALUE`), held at those values."""
     started = time.perf_counter()
-    report = Report(op=op.name, origin=ops.origin(op.name))
+    report = Report()
     for values in parameter_sets(op, fixed or {}):
         verdict = check_values(op, values, find_smallest)
         report.verdicts.append(verdict)
@@ -304,4 +306,4 @@ def check(op: ops.Operation, fixed: Mapping[str, Any] | None = None,
 
 def iter_cases(op: ops.Operation, values: ops.Values) -> Iterator[Case]:
     """The cases `check_values` runs at `values` (for tests and the README)."""
-    yield from cases_for(op, max(op.halo_rows(values), 4))
+    yield from _Cases(op, values, op.halo_rows(values)).cases

@@ -27,10 +27,8 @@ from luminagrid.errors import InputError, MessageError, OperationUnavailable
 MAX_ID_CHARS = 64
 #: Encoded strips are at most this much larger than their raw pixels (JPEG at q100 can be).
 PAYLOAD_SLACK_BYTES = 64 * 1024
-#: Bounds on the words a job message carries: parameter and package names, versions, fields.
+#: Longest word a job message carries: parameter and package names, versions, fields.
 MAX_NAME_CHARS = 100
-MAX_PARAMS = ops.MAX_PARAMS
-MAX_FIELDS = ops.MAX_FIELDS
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,7 @@ def resolve(spec: JobSpec, where: str = "this node") -> ops.Operation:
         values = op.values(spec.params)
     except InputError as exc:
         raise MessageError(f"job {spec.id}: {exc}") from None
-    if any(type(values[k]) is not type(v) or values[k] != v for k, v in spec.params.items()) or set(values) != set(spec.params):
+    if values != spec.params or any(type(v) is not type(spec.params[k]) for k, v in values.items()):
         raise MessageError(f"job {spec.id}: params {spec.params} are not every parameter of {op.name}, each of its type "
                            f"(expected {values})")
     if spec.channels == 3 and not op.colour:
@@ -134,10 +132,11 @@ def _int(d: dict[str, Any], key: str, lo: int, hi: int) -> int:
     return value
 
 
-def parse_job(job: Any, max_pixels: int, resolved: bool = True) -> JobSpec:
-    """A job message's spec, every field checked; `MessageError` naming a bad one. `resolved`:
-    also check that this node has the job's operation, as the submitter's (`resolve`); the
-    supervisor reads records of jobs whose operation its node may lack, and needs none of it."""
+def parse_job(job: Any, max_pixels: int, where: str | None = "this node") -> JobSpec:
+    """A job message's spec, every field checked; `MessageError` naming a bad one. Unless `where`
+    is None, also resolve its operation (`resolve`, whose errors name `where`) once, for
+    `JobSpec.operation`. A supervisor reads records of jobs whose operation its node may lack,
+    and needs none of it: it passes None."""
     if not isinstance(job, dict):
         raise MessageError(f"job must be a mapping, got {type(job).__name__}")
     job_id = job.get("id")
@@ -152,7 +151,7 @@ def parse_job(job: Any, max_pixels: int, resolved: bool = True) -> JobSpec:
     except ValueError:
         raise MessageError(f"job {job_id}: unknown codec {job.get('codec')!r}") from None
     params = job.get("params")
-    if not isinstance(params, dict) or len(params) > MAX_PARAMS or not all(
+    if not isinstance(params, dict) or len(params) > ops.MAX_PARAMS or not all(
         isinstance(k, str) and len(k) <= MAX_NAME_CHARS and (type(v) in (int, float) or (
             isinstance(v, str) and len(v) <= ops.base.MAX_CHOICE_CHARS)) for k, v in params.items()):
         raise MessageError(f"job {job_id}: params {params!r} is not a mapping of names to numbers or short words")
@@ -163,9 +162,9 @@ def parse_job(job: Any, max_pixels: int, resolved: bool = True) -> JobSpec:
     if not (isinstance(package, str) and 0 < len(package) <= MAX_NAME_CHARS and isinstance(version, str)
             and 0 < len(version) <= MAX_NAME_CHARS):
         raise MessageError(f"job {job_id}: package {package!r} version {version!r} are not a package's name and version")
-    if not isinstance(fields, list) or not 0 < len(fields) <= MAX_FIELDS or not all(
+    if not isinstance(fields, list) or not 0 < len(fields) <= ops.MAX_FIELDS or not all(
             isinstance(f, str) and 0 < len(f) <= MAX_NAME_CHARS for f in fields):
-        raise MessageError(f"job {job_id}: fields {fields!r} is not a list of 1-{MAX_FIELDS} field names")
+        raise MessageError(f"job {job_id}: fields {fields!r} is not a list of 1-{ops.MAX_FIELDS} field names")
     halo_rows = _int(job, "halo_rows", 0, strips.halo_for(ops.MAX_HALO_ROWS))
     if halo_rows % strips.ALIGN_ROWS:
         raise MessageError(f"job {job_id}: halo_rows {halo_rows} is not a multiple of {strips.ALIGN_ROWS}")
@@ -181,8 +180,8 @@ def parse_job(job: Any, max_pixels: int, resolved: bool = True) -> JobSpec:
         strips=count, codec=kind, quality=_int(job, "quality", 0, 100), file=file,
         package=package, version=version, halo_rows=halo_rows, fields=tuple(fields),
     )
-    if resolved:
-        resolve(spec)
+    if where is not None:
+        spec.__dict__["operation"] = resolve(spec, where)  # `operation`'s cache (a cached_property)
     return spec
 
 

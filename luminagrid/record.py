@@ -106,7 +106,7 @@ class Record:
             raise MessageError(f"it is a JSON {type(data).__name__}, not an object")
         # A record is read by supervisors too, on nodes that may lack its operation: they need
         # only its plan and keys, which it carries (the tasks check the operation, `messages.resolve`).
-        spec = messages.parse_job(data, max_pixels, resolved=False)
+        spec = messages.parse_job(data, max_pixels, where=None)
         output = data.get("output")
         if output is not None and (not isinstance(output, str) or not output or "\0" in output):
             raise MessageError(f"field 'output' = {output!r} is not a file path")

@@ -123,9 +123,7 @@ def summary(label: str, seconds: float, out_bytes: int, result: dict[str, Any]) 
 def _spec(task: Task, job: Any) -> messages.JobSpec:
     """The job's spec, checked, with this worker's operation for it: the submitter's package and
     version, or `OperationUnavailable` naming this worker, the package and the versions."""
-    spec = messages.parse_job(job, SETTINGS.max_pixels, resolved=False)
-    messages.resolve(spec, f"worker {_worker_name(task)}")
-    return spec
+    return messages.parse_job(job, SETTINGS.max_pixels, where=f"worker {_worker_name(task)}")
 
 
 @app.task(name="luminagrid.strip", bind=True, **_RETRY)

@@ -21,6 +21,7 @@ from conftest import synthetic, wait_for
 from test_compose_stack import BUSY_IMAGE, BUSY_JOB, MASTER, TIMEOUT_S, Stack, _reference, _running_on, bring_up
 
 import luminagrid
+from luminagrid import broker
 
 pytestmark = pytest.mark.compose
 
@@ -32,8 +33,7 @@ def ha_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 
 def _sentinel(stack: Stack) -> redis.sentinel.Sentinel:
-    port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
-    return redis.sentinel.Sentinel([("127.0.0.1", port)], socket_timeout=1.0)
+    return redis.sentinel.Sentinel(list(broker.parse_sentinel(stack.redis_url).sentinels), socket_timeout=1.0)
 
 
 def _ready_for_a_failover(sentinel: redis.sentinel.Sentinel) -> bool:

@@ -23,10 +23,9 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def env_example(optional: bool = True) -> set[str]:
-    """The variables .env.example sets, and (`optional`) those it shows commented out (`#NAME=...`)."""
-    pattern = r"^#?([A-Z_]+)=" if optional else r"^([A-Z_]+)="
-    return set(re.findall(pattern, (REPO / ".env.example").read_text(), re.MULTILINE))
+def env_example() -> set[str]:
+    """The variables .env.example sets, and those it shows commented out (`#NAME=...`)."""
+    return set(re.findall(r"^#?([A-Z_]+)=", (REPO / ".env.example").read_text(), re.MULTILINE))
 
 
 def test_redis_persists_with_aof_behind_a_password_on_a_volume() -> None:

@@ -115,7 +115,7 @@ def problems(op: object, name: str) -> list[str]:
         halo = op.halo_rows(op.values({}))
     except Exception as exc:  # noqa: BLE001 - a plugin's own bug: reported, not raised
         return [f"halo_rows() at the defaults raised {type(exc).__name__}: {exc}"]
-    if type(halo) is not int or not 0 <= halo <= MAX_HALO_ROWS:  # noqa: E721 - exactly an int
+    if not _is_halo(halo):
         return [f"halo_rows() at the defaults is {halo!r}, not a whole number of rows from 0 to {MAX_HALO_ROWS}"]
     return []  # (at other values the submitter checks the halo of each job: `check_halo`)
 
@@ -182,11 +182,16 @@ def canonical(package: str) -> str:
     return re.sub(r"[-_.]+", "-", package).lower()
 
 
+def _is_halo(halo: object) -> bool:
+    """A whole number of rows (an int, not a bool or float) from 0 to `MAX_HALO_ROWS`."""
+    return type(halo) is int and 0 <= halo <= MAX_HALO_ROWS  # noqa: E721 - exactly an int
+
+
 def check_halo(op: Operation, values: Values) -> int:
     """`op.halo_rows(values)`, checked: a whole number of rows from 0 to `MAX_HALO_ROWS`, else
     `OperationUnavailable` (the operation is broken at these values, not the user's input)."""
     halo = op.halo_rows(values)
-    if type(halo) is not int or not 0 <= halo <= MAX_HALO_ROWS:  # noqa: E721 - exactly an int
+    if not _is_halo(halo):
         raise OperationUnavailable(
             f"operation {op.name} ({origin(op.name)}) declares a halo of {halo!r} rows at {values}; a halo must be a "
             f"whole number of rows from 0 to {MAX_HALO_ROWS}: fix its halo_rows()")
