@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import cv2
 import kombu.pools
@@ -13,7 +14,7 @@ from celery.signals import task_received, worker_process_init, worker_ready, wor
 
 from luminagrid import workarounds
 from luminagrid.backend import backend_url
-from luminagrid.broker import SENTINEL_OPTIONS, sentinel_options, tls_options
+from luminagrid.broker import SENTINEL_OPTIONS, is_sentinel, sentinel_login, sentinel_options, tls_options
 from luminagrid.errors import ConfigError
 from luminagrid.settings import Settings
 
@@ -50,13 +51,16 @@ def use_broker(broker_url: str, result_backend: str | None = None, master: str |
     `master` (and `sentinel_password`) go with `sentinel://` URLs: the name the sentinels monitor
     the master under; default LUMINAGRID_SENTINEL_MASTER (`ConfigError` if neither names one)."""
     redis_url = result_backend or broker_url
-    if master is None and (broker_url.startswith("sentinel://") or redis_url.startswith("sentinel://")):
-        settings = Settings.from_env()
-        master, sentinel_password = settings.sentinel_master, sentinel_password or settings.sentinel_password
-    transport = {k: v for k, v in (app.conf.broker_transport_options or {}).items() if k not in SENTINEL_OPTIONS}
-    transport |= sentinel_options(broker_url, master, sentinel_password)
-    results = {k: v for k, v in (app.conf.result_backend_transport_options or {}).items() if k not in SENTINEL_OPTIONS}
-    results |= sentinel_options(redis_url, master, sentinel_password, "LUMINAGRID_RESULT_BACKEND")
+    if is_sentinel(broker_url) or is_sentinel(redis_url):
+        master, sentinel_password = sentinel_login(master, sentinel_password)
+
+    def with_sentinel(options: dict[str, Any] | None, url: str, setting: str) -> dict[str, Any]:
+        """`options` without the previous URL's sentinel options, with `url`'s."""
+        kept = {k: v for k, v in (options or {}).items() if k not in SENTINEL_OPTIONS}
+        return kept | sentinel_options(url, master, sentinel_password, setting)
+
+    transport = with_sentinel(app.conf.broker_transport_options, broker_url, "LUMINAGRID_BROKER_URL")
+    results = with_sentinel(app.conf.result_backend_transport_options, redis_url, "LUMINAGRID_RESULT_BACKEND")
     wanted = (broker_url, backend_url(redis_url), transport, results)
     if (app.conf.broker_url, app.conf.result_backend, app.conf.broker_transport_options,
             app.conf.result_backend_transport_options) == wanted:

@@ -157,13 +157,21 @@ def client(url: str, timeout_s: float = 2.0, retry: bool = True, master: str | N
     )
 
 
-def _sentinel_client(url: str, timeout_s: float, retry: bool, master: str | None,
-                     sentinel_password: str | None) -> redis.Redis:
-    if master is None:  # the caller did not say: the configured one
+def sentinel_login(master: str | None, sentinel_password: str | None) -> tuple[str | None, str | None]:
+    """The master's name and the sentinels' password for a `sentinel://` URL: each as given, or
+    if not given (None) as configured (LUMINAGRID_SENTINEL_MASTER, LUMINAGRID_SENTINEL_PASSWORD)."""
+    if master is None or sentinel_password is None:
         from luminagrid.settings import Settings  # noqa: PLC0415 - settings imports nothing of this module's users
 
         settings = Settings.from_env()
-        master, sentinel_password = settings.sentinel_master, sentinel_password or settings.sentinel_password
+        master = settings.sentinel_master if master is None else master
+        sentinel_password = settings.sentinel_password if sentinel_password is None else sentinel_password
+    return master, sentinel_password
+
+
+def _sentinel_client(url: str, timeout_s: float, retry: bool, master: str | None,
+                     sentinel_password: str | None) -> redis.Redis:
+    master, sentinel_password = sentinel_login(master, sentinel_password)
     if not master:
         raise missing_master()
     parsed = parse_sentinel(url)

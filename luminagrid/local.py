@@ -174,7 +174,7 @@ class LocalSentinel:
 
     Its config file is written once: a sentinel rewrites it with what it learns (the current master,
     its replicas, the other sentinels), so a restart keeps that knowledge, as a deployed one does.
-    `master_password` is the master's (and replicas') `requirepass`; the sentinel itself has none.
+    `master_password` is the master's (and replicas') `requirepass`; `password` the sentinel's own.
     """
 
     folder: Path
@@ -186,6 +186,7 @@ class LocalSentinel:
     failover_timeout_ms: int = 3000
     parallel_syncs: int = 1
     master_password: str | None = None
+    password: str | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -207,6 +208,7 @@ class LocalSentinel:
                 f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
                 f"sentinel parallel-syncs {name} {self.parallel_syncs}",
                 *([f"sentinel auth-pass {name} {self.master_password}"] if self.master_password else []),
+                *([f"requirepass {self.password}"] if self.password else []),
             ]
             self.config.write_text("\n".join(lines) + "\n")
         self.proc = spawn([redis_server_binary(), str(self.config), "--sentinel"], self.folder / "sentinel.log")
@@ -214,11 +216,8 @@ class LocalSentinel:
         return self
 
     def _answers(self) -> bool:
-        try:
-            with redis.Redis("127.0.0.1", self.port, socket_timeout=0.2, socket_connect_timeout=0.2) as r:
-                return bool(r.ping())
-        except (redis.RedisError, OSError):
-            return False
+        login = f":{self.password}@" if self.password else ""
+        return broker.answers(f"redis://{login}127.0.0.1:{self.port}", 0.2)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -37,7 +37,7 @@ from luminagrid import record as records
 from luminagrid.app import app, use_broker
 from luminagrid.backend import PollingSentinelBackend, backend_url
 from luminagrid.errors import ConfigError
-from luminagrid.local import LocalRedis, LocalWorker, wait_for_workers
+from luminagrid.local import LocalRedis, LocalSentinel, LocalWorker, celery_env, free_port, wait_for_workers
 from luminagrid.settings import Settings
 
 STRIP_DELAY_S = 0.3
@@ -60,8 +60,7 @@ class Rig:
 
     def env(self) -> dict[str, str]:
         """For a `cli.py` subprocess on the sentinels."""
-        env = {k: v for k, v in os.environ.items() if k != "LUMINAGRID_RESULT_BACKEND"}
-        return env | {"LUMINAGRID_BROKER_URL": self.redis.url, "LUMINAGRID_SENTINEL_MASTER": MASTER}
+        return celery_env(self.redis.url, {"LUMINAGRID_SENTINEL_MASTER": MASTER})
 
     def down(self) -> list[LocalRedis]:
         return [n for n in self.redis.nodes if n.proc is None or n.proc.poll() is not None]
@@ -398,3 +397,21 @@ def test_cli_submit_status_result_and_workers_work_on_the_sentinel_url(ha: Rig, 
     wait_for(lambda: json.loads(cli("status", job_id, "--json").stdout)["state"] == "done", 30, "the job to finish")
     cli("result", job_id, "-o", str(tmp_path / "edges.png"))
     assert np.array_equal(cv2.imread(str(tmp_path / "edges.png"), cv2.IMREAD_GRAYSCALE), exact(image))
+
+
+def test_the_sentinels_password_from_the_environment_reaches_the_command_lines_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`cli.py` checks the broker with the configured master's name only: the sentinels' own
+    password (LUMINAGRID_SENTINEL_PASSWORD) must still come from the environment."""
+    master = LocalRedis(tmp_path / "master", port=free_port()).start()
+    sentinel = None
+    try:
+        sentinel = LocalSentinel(tmp_path / "sentinel", free_port(), MASTER, master.port, quorum=1,
+                                 password="sentinel-secret").start()
+        monkeypatch.setenv("LUMINAGRID_SENTINEL_PASSWORD", "sentinel-secret")
+        broker.require(sentinel.url, master=MASTER)  # as cli.py calls it: raised BrokerUnreachable before
+    finally:
+        if sentinel is not None:
+            sentinel.stop()
+        master.stop()
