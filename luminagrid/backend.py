@@ -12,6 +12,11 @@
 - **Progress**: a strip's final state is written to the job's progress hash in the same
   transaction as its result (`settings.PROGRESS_KEY`), so "how many strips are done" is one HLEN,
   and a crash of Redis can never keep one without the other.
+- **The first final result of a strip wins.** A strip can run twice at once under one task id (a
+  speculative copy beside a slow or hung original, `speculation.py`). Once one run stored its
+  final state, another run's writes under that id (its STARTED, a RETRY, its own result) are
+  refused in the same atomic step, and a refused run does not join the chord: the stitch sees
+  exactly one result per strip, and the stored one never changes under it.
 
 `PollingSentinelBackend` is the same for a `sentinel://` URL (Celery's `SentinelBackend` finds the
 master through the sentinels, `result_backend_transport_options["master_name"]`, and again after
@@ -21,6 +26,7 @@ a failover); `backend_url` picks the one that fits the URL.
 from __future__ import annotations
 
 import socket
+import threading
 from functools import cached_property
 from typing import Any
 
@@ -55,6 +61,27 @@ def tcp_options() -> dict[str, Any]:
     return {"socket_keepalive": True, "socket_keepalive_options": options}
 
 
+# A strip's result: written unless the strip already has a final state from another run (the
+# same write repeated, its reply lost to a connection error, is accepted again). A final state
+# goes to the progress hash in the same step. 1: written, 0: refused.
+_STRIP_STORE_LUA = """
+local meta, progress = KEYS[1], KEYS[2]
+local value, expires, index, final, state = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+if redis.call('HEXISTS', progress, index) == 1 then
+  if redis.call('GET', meta) == value then return 1 end
+  return 0
+end
+if expires > 0 then redis.call('SET', meta, value, 'EX', expires) else redis.call('SET', meta, value) end
+if final == '1' then
+  redis.call('HSET', progress, index, state)
+  if expires > 0 then redis.call('EXPIRE', progress, expires) end
+end
+return 1
+"""
+#: The task id whose result this thread's last store refused (its chord join is skipped).
+_refused = threading.local()
+
+
 def strip_of(task_id: str) -> tuple[str, int] | None:
     """(job id, strip index) of a strip task id (`<job>.strip<i>`), else None."""
     job, sep, index = task_id.rpartition(".strip")
@@ -86,18 +113,30 @@ class PollingRedisBackend(RedisBackend):
         self._store(key, value, expires, None)
 
     def _store(self, key: str | bytes, value: Any, expires: int | None, state: str | None) -> None:
-        """SET the result (no PUBLISH); a strip's final state also goes to its job's progress hash."""
+        """SET the result (no PUBLISH); a strip's final state also goes to its job's progress hash,
+        unless another run of the strip stored its final state first (then nothing is written)."""
         expires = self.expires if expires is None else expires
         name = key.decode() if isinstance(key, bytes) else str(key)
         strip = strip_of(name[len(META_PREFIX):]) if name.startswith(META_PREFIX) else None
-        with self.client.pipeline(transaction=strip is not None) as pipe:
-            pipe.set(key, value, ex=expires or None)
-            if strip is not None and state in states.READY_STATES:
-                progress = PROGRESS_KEY.format(job=strip[0])
-                pipe.hset(progress, str(strip[1]), state)
-                if expires:
-                    pipe.expire(progress, expires)
-            pipe.execute()
+        if strip is None:
+            self.client.set(key, value, ex=expires or None)
+            return
+        final = "1" if state in states.READY_STATES else "0"
+        stored = self._strip_store_script(keys=[key, PROGRESS_KEY.format(job=strip[0])],
+                                          args=[value, int(expires or 0), strip[1], final, state or ""])
+        _refused.task_id = None if stored else name[len(META_PREFIX):]
+
+    def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> Any:
+        """Join the chord, unless this run's result was refused (another run of the strip stored
+        its own first, and joined, or will)."""
+        if getattr(_refused, "task_id", None) == getattr(request, "id", None):
+            _refused.task_id = None
+            return None
+        return super().on_chord_part_return(request, state, result, **kwargs)
+
+    @cached_property
+    def _strip_store_script(self) -> Any:
+        return self.client.register_script(_STRIP_STORE_LUA)
 
     @cached_property
     def _chord_part_return_script(self) -> Any:
