@@ -22,13 +22,13 @@ from celery import Task
 from celery.canvas import Signature
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from luminagrid import claims, codec, messages, queues, source, strips
+from luminagrid import claims, codec, costs, messages, queues, source, strips
 from luminagrid import record as records
 from luminagrid.app import app
 from luminagrid.codec import Codec
 from luminagrid.errors import ClaimGone, MessageError
 from luminagrid.record import Record
-from luminagrid.settings import CANCEL_KEY, Settings
+from luminagrid.settings import CANCEL_KEY, PROGRESS_KEY, Settings
 
 SETTINGS = Settings.from_env()
 log = logging.getLogger(__name__)
@@ -60,9 +60,18 @@ def _ignore(task: Task) -> None:
     raise Ignore()
 
 
-def _skip_if_cancelled(task: Task, job_id: str) -> None:
-    if app.backend.client.exists(CANCEL_KEY.format(job=job_id)):
+def _skip_if_cancelled(task: Task, job_id: str, index: int | None = None) -> None:
+    """End without a result if the job was cancelled, or (given strip `index`) if another run
+    of this strip finished first (a speculative copy, or the original it copied)."""
+    with app.backend.client.pipeline(transaction=False) as pipe:
+        pipe.exists(CANCEL_KEY.format(job=job_id))
+        if index is not None:
+            pipe.hexists(PROGRESS_KEY.format(job=job_id), str(index))
+        cancelled, *done = pipe.execute()
+    if cancelled:
         _ignore(task)
+    if done and done[0]:
+        raise Ignore()  # (its stored result is the other run's: keep it)
 
 
 def _lost(task: Task, exc: ClaimGone, job_id: str, forget_strip: int | None = None) -> None:
@@ -131,7 +140,7 @@ def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
     """Validate and decode one strip, run its operation's strip step, return the packed result."""
     spec = _spec(self, job)
     s = messages.parse_strip(strip, spec)
-    _skip_if_cancelled(self, spec.id)
+    _skip_if_cancelled(self, spec.id, s.index)
     try:
         data = messages.check_payload(payload, s, spec)
     except ClaimGone as exc:
@@ -139,11 +148,12 @@ def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
     return _compute(self, spec, s, data)
 
 
-def _compute(task: Task, spec: messages.JobSpec, s: strips.Strip, data: bytes) -> dict[str, Any]:
+def _compute(task: Task, spec: messages.JobSpec, s: strips.Strip, data: bytes, in_stitch: bool = False) -> dict[str, Any]:
     """Decode strip `s`, run its operation's strip step, pack the result (large fields as claims;
-    not if the job was cancelled meanwhile)."""
+    not if the job was cancelled meanwhile, nor, in a strip task, if another run of the strip
+    finished first; `in_stitch`: the stitch computes a strip again whose output a crash lost)."""
     op = spec.operation
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         pixels = _decode_file(spec, data) if spec.file else codec.decode_strip(
             data, spec.codec, s.bottom - s.top, spec.width, spec.channels)
@@ -152,7 +162,7 @@ def _compute(task: Task, spec: messages.JobSpec, s: strips.Strip, data: bytes) -
     t1 = time.perf_counter()
     result = op.compute(pixels, s, spec.height, spec.params)
     t2 = time.perf_counter()
-    _skip_if_cancelled(task, spec.id)
+    _skip_if_cancelled(task, spec.id, None if in_stitch else s.index)
     # Large outputs (local operations' pixels) wait in Redis; the chord carries only their keys.
     # What the seam pass reads stays inline up to the usual size; the rest within a job-wide budget.
     job_limit = claims.inline_limit(SETTINGS, spec.strips)
@@ -162,6 +172,9 @@ def _compute(task: Task, spec: messages.JobSpec, s: strips.Strip, data: bytes) -
         lambda field: SETTINGS.inline_max_bytes if field in op.stitch_fields else job_limit,
     )
     t3 = time.perf_counter()
+    # What this strip cost, for the supervisor's judgement of running strips (`costs`, `speculation`).
+    costs.record(app.backend.client, costs.class_of(spec), time.process_time() - cpu0,
+                 costs.megapixels(s.bottom - s.top, spec.width))
     return {
         **packed, "index": s.index, "row0": s.row0, "row1": s.row1, "worker": _worker_name(task),
         "seconds": {"decode": t1 - t0, "compute": t2 - t1, "pack": t3 - t2},
@@ -207,7 +220,7 @@ def _ready(task: Task, part: dict[str, Any], spec: messages.JobSpec) -> dict[str
                                  messages.payload_limit(s, spec), f"job {spec.id} strip {index}")
         except ClaimGone as exc:  # its input is gone too: the strip must wait for its submitter
             _lost(task, exc, spec.id, forget_strip=index)
-        return _ready(task, _compute(task, spec, s, data), spec)
+        return _ready(task, _compute(task, spec, s, data, in_stitch=True), spec)
 
 
 @app.task(name="luminagrid.stitch", bind=True, **_RETRY)
