@@ -98,7 +98,9 @@ def _start_node(sender: object, **_: object) -> None:
     from luminagrid import ops, worker  # noqa: PLC0415
 
     ops.log_broken()  # installed operations that did not load: in the worker's log, once
-    worker.start(str(getattr(sender, "hostname", "") or "worker"))
+    # The sender is the worker's consumer; its controller knows the pool's size (-c).
+    slots = getattr(getattr(sender, "controller", None), "concurrency", None)
+    worker.start(str(getattr(sender, "hostname", "") or "worker"), slots if isinstance(slots, int) and slots > 0 else 1)
 
 
 @task_received.connect

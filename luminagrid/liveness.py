@@ -15,6 +15,13 @@ an hour keeps its node alive. What the node holds is read from Celery's own work
 (reserved, active and scheduled requests), so it cannot drift from what the worker really has.
 A message received is reported within `POKE_S` (`poke`), so that a node lost right after it took
 a message is known to have held it.
+
+Each running strip's hold also says how it progresses in its pool process (`warden.Measure`:
+pid, CPU and wall seconds, seconds without CPU progress), and the liveness record says how many
+pool processes the node has and which operations (package, version) it runs: what the
+supervisor needs to spot hung and crawling strips and to pick a node for a copy. In the same
+round trip the beat takes the supervisor's stop orders for this node (`settings.STOP_KEY`) and
+carries them out (`warden.Warden.stop`).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from typing import Any
 import redis
 from celery.worker import state as worker_state
 
-from luminagrid.settings import ALIVE_KEY, HOLDS_KEY, NODES_KEY
+from luminagrid.settings import ALIVE_KEY, HOLDS_KEY, NODES_KEY, STOP_KEY
+from luminagrid.warden import Warden
 
 log = logging.getLogger(__name__)
 #: How long a lost node's last holdings are kept (for `status` and `workers`), in seconds.
@@ -50,6 +58,24 @@ class Hold:
     tag: str
     #: "running" (in a pool process), "reserved" (waiting for one) or "scheduled" (a retry's countdown)
     state: str
+    #: a running strip's pool process and its progress (`warden.Measure`); 0 if not measured
+    pid: int = 0
+    run_s: float = 0.0
+    cpu_s: float = 0.0
+    idle_s: float = 0.0
+
+    def row(self) -> list[Any]:
+        """As stored in the node's holds record."""
+        if not self.pid:
+            return [self.task_id, self.tag, self.state]
+        return [self.task_id, self.tag, self.state, self.pid, round(self.run_s, 3), round(self.cpu_s, 3),
+                round(self.idle_s, 3)]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> Hold:
+        task_id, tag, state, *measure = row
+        pid, run_s, cpu_s, idle_s = (measure + [0, 0.0, 0.0, 0.0])[:4] if measure else (0, 0.0, 0.0, 0.0)
+        return cls(str(task_id), str(tag), str(state), int(pid), float(run_s), float(cpu_s), float(idle_s))
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,19 @@ class Node:
     #: seconds since its last beat, by Redis's clock (from the holds record's remaining lifetime)
     age_s: float | None
     holds: tuple[Hold, ...] = field(default_factory=tuple)
+    #: its pool processes (strips it can run at once)
+    slots: int = 1
+    #: operation name -> "package version" of the code it runs them with
+    ops: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def running(self) -> list[Hold]:
+        return [h for h in self.holds if h.state == "running"]
+
+    @property
+    def free_slots(self) -> int:
+        """Pool processes not running or about to run anything."""
+        return max(0, self.slots - sum(1 for h in self.holds if h.state in ("running", "reserved")))
 
 
 def node_id(hostname: str, pid: int | None = None) -> str:
@@ -87,29 +126,44 @@ def _requests() -> list[tuple[Any, str]] | None:
     return None
 
 
-def current_holds() -> list[Hold] | None:
-    """What this worker holds now, or None if it could not be read this time."""
-    requests = _requests()
+def current_holds(warden: Warden | None = None,
+                  requests: list[tuple[Any, str]] | None = None) -> list[Hold] | None:
+    """What this worker holds now (running strips measured by `warden`), or None if it could not
+    be read this time."""
+    requests = _requests() if requests is None else requests
     if requests is None:
         return None
+    measures = warden.measure(r for r, state in requests if state == "running") if warden else {}
     seen: set[str] = set()
     out = []
     for request, state in requests:
         tag = getattr(getattr(request, "message", None), "delivery_tag", None)
         if tag is not None and tag not in seen:
             seen.add(str(tag))
-            out.append(Hold(task_id=str(request.id), tag=str(tag), state=state))
+            m = measures.get(str(request.id)) if state == "running" else None
+            out.append(Hold(task_id=str(request.id), tag=str(tag), state=state, pid=m.pid if m else 0,
+                            run_s=m.run_s if m else 0.0, cpu_s=m.cpu_s if m else 0.0, idle_s=m.idle_s if m else 0.0))
     return out
+
+
+def node_ops() -> dict[str, str]:
+    """Operation name -> "package version" of every operation this process can run."""
+    from luminagrid import ops  # noqa: PLC0415 - the operations import OpenCV: only in workers
+
+    return {name: str(ops.origin(name)) for name in sorted(ops.REGISTRY)}
 
 
 class Beat(threading.Thread):
     """Refreshes this node's liveness and holdings every `beat_s` until `stop()`."""
 
-    def __init__(self, client: redis.Redis, hostname: str, ttl_s: float) -> None:
+    def __init__(self, client: redis.Redis, hostname: str, ttl_s: float, slots: int = 1,
+                 ops: dict[str, str] | None = None) -> None:
         super().__init__(name="luminagrid-beat", daemon=True)
         self.client, self.hostname, self.ttl_s = client, hostname, ttl_s
+        self.slots, self.ops = slots, ops or {}
         self.id = node_id(hostname)
         self.seq = 0
+        self.warden = Warden()
         # Not `_stop`: that is a method of `threading.Thread`, which `join()` calls once the thread
         # has ended (an Event there made every worker shutdown log a TypeError traceback).
         self._stopping = threading.Event()
@@ -124,7 +178,10 @@ class Beat(threading.Thread):
         while True:
             started = time.monotonic()
             try:
-                self.beat(current_holds())
+                requests = _requests()
+                orders = self.beat(current_holds(self.warden, requests))
+                if orders and requests is not None:
+                    self.warden.stop(orders, (r for r, state in requests if state == "running"))
                 if self._warned:
                     log.warning("liveness: %s beats again", self.id)
                     self._warned = False
@@ -141,20 +198,33 @@ class Beat(threading.Thread):
             if self._stopping.is_set():
                 return
 
-    def beat(self, holds: Iterable[Hold] | None) -> None:
-        """One beat; with `holds` None (unreadable this time) the last ones reported stand."""
+    def beat(self, holds: Iterable[Hold] | None) -> dict[str, dict[str, Any]]:
+        """One beat; with `holds` None (unreadable this time) the last ones reported stand.
+        Returns the stop orders the supervisor left for this node (taken: each is given once)."""
         self.seq += 1
         ttl_ms = int(self.ttl_s * 1000)
-        alive = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "seq": self.seq})
-        with self.client.pipeline(transaction=False) as pipe:
+        alive = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "seq": self.seq,
+                            "slots": self.slots, "ops": self.ops})
+        stop_key = STOP_KEY.format(node=self.id)
+        with self.client.pipeline(transaction=True) as pipe:  # (the orders taken and cleared at once)
             pipe.set(ALIVE_KEY.format(node=self.id), alive, px=ttl_ms)
             if holds is None:
                 pipe.expire(HOLDS_KEY.format(node=self.id), HOLDS_TTL_S)
             else:
-                pipe.set(HOLDS_KEY.format(node=self.id), json.dumps([[h.task_id, h.tag, h.state] for h in holds]),
-                         ex=HOLDS_TTL_S)
+                pipe.set(HOLDS_KEY.format(node=self.id), json.dumps([h.row() for h in holds]), ex=HOLDS_TTL_S)
             pipe.sadd(NODES_KEY, self.id)
-            pipe.execute()
+            pipe.hgetall(stop_key)
+            pipe.delete(stop_key)
+            replies = pipe.execute()
+        orders = {}
+        for task_id, raw in (replies[-2] or {}).items():
+            try:
+                order = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(order, dict):
+                orders[task_id.decode() if isinstance(task_id, bytes) else str(task_id)] = order
+        return orders
 
     def poke(self) -> None:
         """What the node holds changed (it received a message): report it soon."""
@@ -217,12 +287,15 @@ def read(client: redis.Redis, prune: bool = False) -> list[Node]:
             gone.append(i)  # stopped, or lost long ago
             continue
         alive = json.loads(alive_raw) if alive_raw else {}
-        holds = tuple(Hold(str(t), str(g), str(s)) for t, g, s in json.loads(holds_raw)) if holds_raw else ()
+        holds = tuple(Hold.from_row(row) for row in json.loads(holds_raw)) if holds_raw else ()
         hostname, _, pid = i.rpartition("[")
+        node_ops = alive.get("ops")
         nodes.append(Node(
             id=i, hostname=hostname, pid=int(pid.rstrip("]") or 0), seq=int(alive.get("seq", -1)),
             alive=alive_raw is not None, holds=holds,
             age_s=None if pttl_ms is None or pttl_ms < 0 else max(0.0, HOLDS_TTL_S - pttl_ms / 1000),
+            slots=max(1, int(alive.get("slots") or 1)),
+            ops={str(k): str(v) for k, v in node_ops.items()} if isinstance(node_ops, dict) else {},
         ))
     if prune and gone:
         client.srem(NODES_KEY, *gone)

@@ -19,14 +19,16 @@ _threads: list[liveness.Beat | supervisor.Supervisor] = []
 _lock = threading.Lock()
 
 
-def start(hostname: str) -> None:
-    """Start beating and supervising for the worker node `hostname` (once per process)."""
+def start(hostname: str, slots: int = 1) -> None:
+    """Start beating and supervising for the worker node `hostname` with `slots` pool processes
+    (once per process)."""
     with _lock:
         if _threads:
             return
         settings = Settings.from_env()
         beat = liveness.Beat(client(settings.result_backend, retry=False, master=settings.sentinel_master,
-                                    sentinel_password=settings.sentinel_password), hostname, settings.liveness_ttl_s)
+                                    sentinel_password=settings.sentinel_password), hostname, settings.liveness_ttl_s,
+                             slots=slots, ops=liveness.node_ops())
         watcher = supervisor.Supervisor(beat.id, settings)
         beat.start()
         watcher.start()

@@ -1,0 +1,122 @@
+"""A node's watch over its own pool processes: how each running strip progresses, and stopping one.
+
+The liveness beat (`liveness.Beat`, in the worker's main process) calls `Warden.measure` every
+beat. For each strip running in a pool process it reports, from the operating system (psutil),
+not from the process itself, which may be stopped or stuck in native code:
+- `cpu_s`: CPU seconds the process spent since it took the strip;
+- `run_s`: wall seconds since it took it;
+- `idle_s`: wall seconds since its CPU time last grew. A process stopped by a signal, blocked
+  forever, or deadlocked does not grow it; one that crawls (throttled, swapping, starved) grows
+  it slowly, and is told apart by its rate `cpu_s / run_s`.
+The supervisor judges these (`speculation.py`) and may order the node to stop a process (a
+strip's copy elsewhere finished first, or it hung): `Warden.stop` SIGKILLs it if it still runs
+that task. Celery then finds the strip's result stored (by the other copy) and acknowledges the
+message without a retry; billiard starts a new pool process in its place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+log = logging.getLogger(__name__)
+#: CPU growth below this between two beats does not count as progress, in seconds.
+CPU_EPSILON_S = 0.005
+
+
+@dataclass(frozen=True)
+class Measure:
+    """How one running strip progresses in its pool process."""
+
+    pid: int
+    run_s: float
+    cpu_s: float
+    idle_s: float
+
+
+@dataclass
+class _Track:
+    started_at: float  # time.time() when the process took the task (Celery's `time_start`)
+    cpu0_s: float  # the process's CPU time before it took the task
+    last_cpu_s: float
+    advanced_at: float  # time.time() when its CPU time last grew
+
+
+def _cpu_s(pid: int) -> float | None:
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except (psutil.Error, OSError):
+        return None
+    return float(times.user + times.system)
+
+
+class Warden:
+    """Measures this node's running strips (one call per beat) and stops processes on order."""
+
+    def __init__(self) -> None:
+        self._tracks: dict[tuple[str, int], _Track] = {}
+        #: each pool process's CPU time at the last beat (the baseline of the next task it takes)
+        self._last_cpu: dict[int, float] = {}
+
+    def measure(self, running: Iterable[Any]) -> dict[str, Measure]:
+        """Task id -> its measure, for Celery requests running in a pool process now."""
+        now = time.time()
+        out: dict[str, Measure] = {}
+        tracks: dict[tuple[str, int], _Track] = {}
+        for request in running:
+            pid, started = getattr(request, "worker_pid", None), getattr(request, "time_start", None)
+            if not pid or not started:
+                continue
+            cpu = _cpu_s(pid)
+            if cpu is None:
+                continue
+            key = (str(request.id), int(pid))
+            track = self._tracks.get(key)
+            if track is None:  # first seen running: its CPU before is the process's at the last beat
+                track = _Track(float(started), self._last_cpu.get(pid, cpu), cpu, float(started))
+            if cpu - track.last_cpu_s >= CPU_EPSILON_S:
+                track.advanced_at, track.last_cpu_s = now, cpu
+            tracks[key] = track
+            self._last_cpu[pid] = cpu
+            out[key[0]] = Measure(pid=pid, run_s=max(0.0, now - track.started_at), cpu_s=max(0.0, cpu - track.cpu0_s),
+                                  idle_s=max(0.0, now - track.advanced_at))
+        self._tracks = tracks
+        for pid in _children():  # idle pool processes too: the baseline of the next task each takes
+            if pid not in {k[1] for k in tracks}:
+                cpu = _cpu_s(pid)
+                if cpu is not None:
+                    self._last_cpu[pid] = cpu
+        return out
+
+    def stop(self, orders: dict[str, dict[str, Any]], running: Iterable[Any]) -> list[str]:
+        """Carry out the supervisor's stop orders (task id -> {"pid", "reason"}): SIGKILL each pool
+        process that still runs the task it names. Returns the task ids whose process was stopped."""
+        by_id = {(str(r.id), getattr(r, "worker_pid", None)): r for r in running}
+        stopped = []
+        for task_id, order in orders.items():
+            pid = order.get("pid")
+            request = by_id.get((task_id, pid))
+            if request is None or not isinstance(pid, int):
+                continue  # it ended meanwhile, or another process runs it now
+            try:
+                os.kill(pid, signal.SIGKILL)  # a stopped (SIGSTOP) or stuck process obeys only this
+            except ProcessLookupError:
+                continue
+            log.warning("warden: stopped pool process %d running %s: %s", pid,
+                        getattr(request, "argsrepr", None) or task_id, order.get("reason", "ordered by the supervisor"))
+            stopped.append(task_id)
+        return stopped
+
+
+def _children() -> list[int]:
+    try:
+        return [c.pid for c in psutil.Process(os.getpid()).children()]
+    except (psutil.Error, OSError):
+        return []
