@@ -33,6 +33,9 @@ task_default_queue = QUEUE
 # exchange and key, and would both receive every message).
 task_queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in (QUEUE, STITCH_QUEUE)]
 task_routes = {"luminagrid.stitch": {"queue": STITCH_QUEUE}}
+# Each worker also consumes a queue of its own (`<hostname>.dq2`): the supervisor sends a strip's
+# speculative copy to the node it picked, never to the slow or hung one (`luminagrid.speculation`).
+worker_direct = True
 
 # Monitoring (Flower): workers send task events, clients a task-sent event, tasks report STARTED.
 worker_send_task_events = True

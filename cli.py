@@ -685,6 +685,9 @@ def status(
             _say(line)
     for event in s.events:
         _say(f"  recovered: {event}")
+    for c in s.copies:
+        why = "hung" if c.get("reason") == "hung" else "slow"
+        _say(f"  copy: strip {int(c['strip']) + 1} ({why} on {c.get('origin')}) copied to {c.get('node')}: {c.get('outcome')}")
     if s.error:
         _say(f"error: {s.error}")
 

@@ -29,6 +29,8 @@ from luminagrid.settings import (
     ACTIVE_JOBS_KEY,
     CANCEL_KEY,
     CANCELLED_JOBS_KEY,
+    COPIES_KEY,
+    HANGS_KEY,
     JOB_EVENTS_KEY,
     JOB_KEY,
     PROGRESS_KEY,
@@ -251,7 +253,7 @@ def data_keys(record: Record) -> list[str]:
     chord = [backend.get_key_for_group(record.group_id, suffix) for suffix in ("", ".j", ".t", ".s", ".d", ".c")]
     return [
         PROGRESS_KEY.format(job=record.id), JOB_EVENTS_KEY.format(job=record.id), RECOVERIES_KEY.format(job=record.id),
-        PUBLISHER_KEY.format(job=record.id),
+        PUBLISHER_KEY.format(job=record.id), COPIES_KEY.format(job=record.id), HANGS_KEY.format(job=record.id),
         *(backend.get_key_for_task(t) for t in record.task_ids), *chord,
         *claims.keys_of(record.id, record.spec.strips, record.spec.fields),
     ]

@@ -72,6 +72,7 @@ def status(s: Status) -> dict[str, Any]:
             for p in s.places
         ],
         "recovered": list(s.events), "error": s.error,
+        "copies": [{k: c.get(k) for k in ("strip", "node", "origin", "reason", "outcome")} for c in s.copies],
     }
 
 

@@ -69,6 +69,14 @@ RECOVERIES_KEY = KEY_PREFIX + "recoveries:{job}"
 #: The supervisor's recent recoveries (a capped list of JSON lines), for operators; and per job.
 EVENTS_KEY = KEY_PREFIX + "events"
 JOB_EVENTS_KEY = KEY_PREFIX + "events:{job}"
+#: List of the most recent strips' CPU seconds per megapixel of one operation class (`costs.py`).
+COST_KEY = KEY_PREFIX + "cost:{cls}"
+#: Hash strip index -> JSON list of the speculative copies the supervisor started (`speculation.py`).
+COPIES_KEY = KEY_PREFIX + "copies:{job}"
+#: Hash strip index -> JSON list of the nodes on which the strip stopped making progress.
+HANGS_KEY = KEY_PREFIX + "hangs:{job}"
+#: Hash task id -> JSON {"pid", "reason"}: pool processes a node is to stop (`warden.py`).
+STOP_KEY = KEY_PREFIX + "stop:{node}"
 
 
 def _int(name: str, default: int, minimum: int) -> int:
@@ -138,6 +146,9 @@ class Settings:
     sentinel_master: str | None = None
     #: The sentinels' own password (`requirepass` in sentinel.conf), if any; the URL's is the master's.
     sentinel_password: str | None = None
+    #: A running strip whose pool process used no CPU for this long is hung: it is run again on
+    #: another node at once, and its process stopped once the copy finished (`speculation.py`).
+    stall_s: float = 3.0
 
     @property
     def soft_time_limit_s(self) -> float:
@@ -173,4 +184,5 @@ class Settings:
             liveness_ttl_s=_float("LUMINAGRID_LIVENESS_TTL_S", cls.liveness_ttl_s, 0.4),
             max_deliveries=_int("LUMINAGRID_MAX_DELIVERIES", cls.max_deliveries, 1),
             inline_max_bytes=_int("LUMINAGRID_INLINE_MAX_BYTES", cls.inline_max_bytes, 0),
+            stall_s=_float("LUMINAGRID_STALL_S", cls.stall_s, 0.5),
         )

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import states
 
-from luminagrid import liveness
+from luminagrid import liveness, speculation
 from luminagrid import record as records
 from luminagrid.errors import MessageError
 from luminagrid.record import Record
@@ -50,6 +50,8 @@ class Status:
     places: list[Place] = field(default_factory=list)
     #: the supervisor's recoveries for this job, oldest first
     events: list[str] = field(default_factory=list)
+    #: speculative copies of its strips (`speculation.copies`): strip, node, origin, reason, outcome
+    copies: list[dict[str, Any]] = field(default_factory=list)
 
     def whereabouts(self) -> str:
         """E.g. "3/7 strips done, 2 held by live workers, 2 queued"."""
@@ -112,6 +114,7 @@ def of(record: Record) -> Status:
         strips_started=len(progress) + sum(1 for p in places if p.running and p.index is not None),
         strip_count=strip_count, width=record.spec.width, height=record.spec.height,
         age_s=time.time() - record.submitted_at, output=record.output, error=error, places=places, events=events,
+        copies=speculation.copies(job_id, db),
     )
 
 

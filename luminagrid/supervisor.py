@@ -28,6 +28,8 @@ beat (a quarter of `LUMINAGRID_LIVENESS_TTL_S`, 0.5 s by default) the leader:
    read a bounded page at a time), and still so `grace_s` later, are published again under their
    task ids from their records and payloads in Redis.
 7. **Deletes cancelled jobs' data** once no live node holds their tasks any more.
+8. **Copies strips that hang or crawl** on live nodes to other nodes, and has the losing runs
+   stopped (`speculation.py`).
 
 Steps 1-5 and 7 read O(workers + unacknowledged messages + active jobs) keys per beat; only step 6
 reads the strip queue, and only after an event. A task recovered more than `MAX_RECOVERIES_PER_TASK`
@@ -45,14 +47,16 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import kombu.exceptions
 import msgpack
 import redis
 from celery import states
 from celery.exceptions import ChordError
+from celery.utils.nodenames import worker_direct
 
-from luminagrid import claims, liveness, queues
+from luminagrid import claims, liveness, queues, speculation
 from luminagrid import record as records
 from luminagrid.app import app
 from luminagrid.backend import strip_of
@@ -188,6 +192,7 @@ class Supervisor(threading.Thread):
         # has ended (an Event there made every worker shutdown log a TypeError traceback).
         self._stopping = threading.Event()
         self._last_error = ""
+        self.speculator = speculation.Speculator(self.db, settings, self._event)
         self.leading = False
         self.renewed_at = -math.inf
         self._forget_state()
@@ -269,6 +274,7 @@ class Supervisor(threading.Thread):
         self._judge(view, now)
         self._restore_orphans(view, now)
         self._check_jobs(view, now)
+        self.speculator.beat(view.nodes, view.jobs, now, self._publish_copy, self._fail)
         self._purge_cancelled(view, now)
         if self.walk_due is not None and now >= self.walk_due:
             self._walk(view, now)
@@ -348,11 +354,14 @@ class Supervisor(threading.Thread):
 
     def _judge(self, view: _View, now: float) -> None:
         alive = {n.id for n in view.live}
+        live_hosts = {n.hostname for n in view.live}
         for n in view.nodes:
             if not n.alive and n.id in self.alive_before:
                 self._event(None, f"worker {n.id} is lost (no beat for {self.settings.liveness_ttl_s:g} s); "
                                   f"it held {len(n.holds)} message(s)")
                 self._request_walk(f"worker {n.id} lost", now)
+                if n.hostname not in live_hosts:  # copies sent to its own queue: nobody will take them
+                    self.mq.delete(*queues.lists_of(worker_direct(n.hostname).name))
         self.alive_before = alive
 
     # --- 3. orphans ---------------------------------------------------------------------------
@@ -391,7 +400,12 @@ class Supervisor(threading.Thread):
                     if tag not in found:
                         continue  # acknowledged meanwhile
                     task_id, queue = found[tag]
-                    if queue not in QUEUES:
+                    if queue not in QUEUES and strip_of(task_id) is not None and holder:
+                        # A copy sent to a lost node's own queue: back there, nobody would take it.
+                        queues.drop(self.mq, tag)
+                        self._request_walk(f"a copy of {task_id} was lost with {holder}", now)
+                        continue
+                    if queue not in QUEUES and strip_of(task_id) is None:
                         self.foreign.add(tag)  # another application's message: not ours to judge
                         continue
                     whose = f"its worker {holder} is lost" if holder else "no live worker holds it"
@@ -619,6 +633,25 @@ class Supervisor(threading.Thread):
             f"strip {index + 1}/{r.spec.strips} was lost and its pixels are gone from Redis (did Redis crash right "
             "after the job was submitted?); submit the image again"))
         self._event(r.id, f"job {r.id}: strip {index + 1} was lost with its payload; failed the job")
+
+    # --- 8. strips that hang or crawl ----------------------------------------------------------
+
+    def _publish_copy(self, signature: Any, queue: Any) -> None:
+        """Send a speculative copy of a strip to one node's own queue."""
+        self._keep_lease()
+        signature.apply_async(queue=queue)
+
+    def _fail(self, r: Record, text: str) -> None:
+        """Fail job `r` with `text` (its strips are skipped from now on; its record and verdict stay,
+        for `status` to say why)."""
+        self._keep_lease()
+        with self.db.pipeline(transaction=True) as pipe:
+            pipe.set(CANCEL_KEY.format(job=r.id), "1", ex=self.settings.result_ttl_s)
+            pipe.zrem(ACTIVE_JOBS_KEY, r.id)
+            pipe.execute()
+        app.backend.mark_as_failure(r.id, MessageError(text))
+        self.records.pop(r.id, None)
+        self._event(r.id, f"job {r.id} failed: {text}")
 
     # --- 7. cancelled jobs --------------------------------------------------------------------
 
