@@ -1,9 +1,12 @@
 """Fault injection, loaded only into the crash tests' workers (`--include faults`) and the tests
 that drive them. Never shipped.
 
-- `LUMINAGRID_TEST_STRIP_DELAY_S`: every strip first sleeps this long, so a test can kill it mid-run.
+- `LUMINAGRID_TEST_STRIP_DELAY_S`: every strip first computes (burns CPU) this long, so a test can
+  kill it mid-run. Not a sleep: a strip whose process uses no CPU for `LUMINAGRID_STALL_S` is hung
+  (`luminagrid.speculation`), and a long strip is one that works.
 - A strip whose first own row begins with `POISON` SIGKILLs its pool process, on every delivery:
-  an input that always kills its worker.
+  an input that always kills its worker. One whose first own row begins with `HANG` blocks its
+  process (no CPU) for good, on every delivery: an input that hangs every worker it visits.
 - `LUMINAGRID_TEST_RUNS`: a file every strip run appends to ("start"/"end", task id, pid, retries),
   so a test can prove that its fault hit a run in flight and that the strip ran again.
 - `LUMINAGRID_TEST_HOLD_DIR`: phase holds. A test arms one phase (`arm`); the first process to get
@@ -33,6 +36,7 @@ from luminagrid.backend import PollingRedisBackend, strip_of
 from luminagrid.ops.canny import Canny
 
 POISON = np.array([13, 37, 13, 37, 13, 37, 13, 37], np.uint8)
+HANG = np.array([42, 7, 42, 7, 42, 7, 42, 7], np.uint8)
 PHASES = ("publish", "take", "run", "store", "join", "stitch", "collect")
 HOLD_TIMEOUT_S = 120.0
 
@@ -84,6 +88,13 @@ def release(folder: Path, phase: str) -> None:
     (folder / "armed").write_text("")
 
 
+def busy(seconds: float) -> None:
+    """Use the CPU for `seconds` (a strip that computes this long)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 # --- run records --------------------------------------------------------------------------------
 
 def _record_run(what: str) -> None:
@@ -112,9 +123,11 @@ _original_strip = canny.canny_strip
 
 def _faulty(gray: np.ndarray, halo_top: int, *args: Any, **kwargs: Any) -> canny.StripEdges:
     _record_run("start")
-    time.sleep(float(os.environ.get("LUMINAGRID_TEST_STRIP_DELAY_S", "0")))
+    busy(float(os.environ.get("LUMINAGRID_TEST_STRIP_DELAY_S", "0")))
     if np.array_equal(gray[halo_top, : POISON.size], POISON):
         os.kill(os.getpid(), signal.SIGKILL)
+    if np.array_equal(gray[halo_top, : HANG.size], HANG):
+        time.sleep(10 * HOLD_TIMEOUT_S)  # blocked, using no CPU, until its process is killed
     hold("run", task=getattr(current_task.request, "id", None) if current_task else None)
     result = _original_strip(gray, halo_top, *args, **kwargs)
     _record_run("end")
