@@ -343,7 +343,8 @@ def test_a_consumer_step_stops_cleanly_after_its_connection_was_dropped() -> Non
 
 
 def test_soak_jobs_complete_exactly_under_random_sigkills_and_redis_outages() -> None:
-    """Three jobs in flight at a time while a killer SIGKILLs random pool processes and Redis is
+    """Three jobs in flight at a time while a killer SIGKILLs random pool processes (half the time
+    one running a strip) and Redis is
     stopped or crashed every few seconds; a third and two thirds of the way in, a whole worker
     (main process and pool) is killed and replaced. The run records count the kills that hit a
     strip in flight (the killed process started one and never ended it): at least one must have."""
@@ -364,12 +365,21 @@ def test_soak_jobs_complete_exactly_under_random_sigkills_and_redis_outages() ->
         def live_nodes() -> list:
             return [n for n in ready if n.proc and n.proc.poll() is None]
 
+        def computing() -> set[int]:
+            """PIDs with a strip started and not ended (run records)."""
+            runs = faults.runs(RUNS)
+            ended = {(r["task"], r["pid"]) for r in runs if r["what"] == "end"}
+            return {r["pid"] for r in runs if r["what"] == "start" and (r["task"], r["pid"]) not in ended}
+
         def kill_pool_processes() -> None:
             while not stop.wait(rng.uniform(0.2, 0.6)):
                 children = [p for n in live_nodes() for p in pool_children(n.proc.pid)]
+                # Half the kills aim at a process with a strip in flight (if any): most pool
+                # processes are idle at any instant, and a kill of an idle one tests little.
+                busy = [p for p in children if p in computing()]
                 if children:
                     try:
-                        pid = rng.choice(children)
+                        pid = rng.choice(busy if busy and rng.random() < 0.5 else children)
                         os.kill(pid, signal.SIGKILL)
                         killed.append((pid, time.time()))
                         kills["pool"] += 1

@@ -41,7 +41,7 @@ STRIP_DELAY_S = 0.3
 RERUN_BOUND_S = 5.0
 #: And its job finish within this after the kill: seconds (supervision), with margin for a busy
 #: 2-core machine (other tests, the replacement worker starting), never the visibility timeout.
-DONE_BOUND_S = 15.0
+DONE_BOUND_S = 10.0
 JPEG_444 = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
 
 
