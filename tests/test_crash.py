@@ -344,9 +344,8 @@ def test_a_consumer_step_stops_cleanly_after_its_connection_was_dropped() -> Non
 
 def test_soak_jobs_complete_exactly_under_random_sigkills_and_redis_outages() -> None:
     """Three jobs in flight at a time while a killer SIGKILLs random pool processes (half the time
-    one running a strip) and Redis is
-    stopped or crashed every few seconds; a third and two thirds of the way in, a whole worker
-    (main process and pool) is killed and replaced. The run records count the kills that hit a
+    one running a strip) and Redis is stopped or crashed every few seconds; a third and two thirds
+    of the way in, a whole worker (main process and pool) is killed and replaced. The run records count the kills that hit a
     strip in flight (the killed process started one and never ended it): at least one must have."""
     with faulty_cluster(max_deliveries=50) as c:
         use_broker(c.url)
