@@ -36,6 +36,8 @@ DEFAULTS = Settings()
 STARVE_S = float(os.environ.get("LUMINAGRID_STARVE_S", "60"))
 #: Busy processes: twice the cores, so every core has a hog in its queue all the time.
 HOGS = int(os.environ.get("LUMINAGRID_STARVE_HOGS", str(2 * (os.cpu_count() or 2))))
+#: Their niceness (default 0, as the workers'; below 0 needs root): to explore harsher starvation.
+HOG_NICE = int(os.environ.get("LUMINAGRID_STARVE_NICE", "0"))
 JPEG_444 = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
 
 #: (op, params, channels, codec, whole-image OpenCV call), run in turn.
@@ -57,7 +59,8 @@ def hogs(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for _ in range(count):
-            procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL))
+            procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                                          preexec_fn=(lambda: os.nice(HOG_NICE)) if HOG_NICE else None))
         yield procs
     finally:
         for proc in procs:
@@ -130,7 +133,7 @@ def test_a_cpu_starved_cluster_declares_no_live_worker_lost_and_stays_exact(plug
     starts = Counter(x["task"] for x in faults.runs(runs_file) if x["what"] == "start")
     twice = {task: k for task, k in starts.items() if k > 1}
     late_ms = {node.split("@")[0]: DEFAULTS.liveness_ttl_s * 1000 - low for node, low in sampler.lowest.items()}
-    print(f"\n{HOGS} busy processes on {os.cpu_count()} cores for {elapsed:.0f} s: {sum(done.values())} jobs exact "
+    print(f"\n{HOGS} busy processes (nice {HOG_NICE}) on {os.cpu_count()} cores for {elapsed:.0f} s: {sum(done.values())} jobs exact "
           f"({dict(done)}); {len(twice)} strips ran twice; {sampler.samples} PTTL samples; oldest liveness record "
           f"seen per worker (ms since its last beat; lost at {DEFAULTS.liveness_ttl_s * 1000:g}): {late_ms}")
     for event in events[:10]:
@@ -138,4 +141,5 @@ def test_a_cpu_starved_cluster_declares_no_live_worker_lost_and_stays_exact(plug
     assert not dead
     assert not [e for e in events if "is lost" in e], events
     assert not twice, twice
-    assert set(done) == {op for op, *_ in JOBS}
+    if HOG_NICE >= 0:  # (hogs favoured over the cluster may leave too few jobs done to reach every operation)
+        assert set(done) == {op for op, *_ in JOBS}
