@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
+from luminagrid import ops
 from luminagrid.app import use_broker
 from luminagrid.local import LocalCluster
 from luminagrid.workarounds import opencv_without_ipp
@@ -26,6 +29,9 @@ T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, str(REPO / "cli.py")]
+#: The example plugin's source (operations median and morph) and its distribution's name.
+PLUGIN = REPO / "examples" / "plugin"
+PLUGIN_PACKAGE = "luminagrid-example-ops"
 
 
 def bilateral_filter(image: np.ndarray, d: int, sigma_color: float, sigma_space: float) -> np.ndarray:
@@ -169,3 +175,51 @@ def cli_cluster(workers: int, flower_port: int) -> Iterator[ClusterRun]:
         for pid in processes_with(marker):  # Redis, workers, Flower it started, if it could not stop them
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --- the example plugin, installed as a user installs it ----------------------------------------
+
+def pip_install(source: Path, target: Path) -> Path:
+    """Install the package in `source` into the folder `target` (as a user installs it, built by pip)."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                           str(source)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return target
+
+
+def copy_of(target: Path) -> Path:
+    """The example plugin's source, copied: pip leaves `build/` and `*.egg-info` where it builds."""
+    shutil.copytree(PLUGIN, target, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    return target
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the example plugin (0.1.0) installed by pip, built once per session: put it on
+    the PYTHONPATH of the processes that should have the plugin."""
+    tmp = tmp_path_factory.mktemp("plugin")
+    return pip_install(copy_of(tmp / "src"), tmp / "site")  # (a copy: pip builds in the source folder)
+
+
+@contextlib.contextmanager
+def plugin_in_this_process(site: Path) -> Iterator[list[str]]:
+    """Register the operations of the plugin installed in `site` in this (the test) process, so
+    `luminagrid.submit` can submit them, as a submitter with the package installed does; on the
+    way out, forget them again (other tests expect the built-ins only). Yields their names."""
+    sys.path.insert(0, str(site))
+    added: list[str] = []
+    try:
+        for entry in importlib.metadata.entry_points(group=ops.GROUP):
+            if entry.dist is not None and Path(str(entry.dist.locate_file(""))).resolve() == site.resolve() \
+                    and entry.name not in ops.REGISTRY:
+                ops._register(entry)  # noqa: SLF001 - what `luminagrid.ops` does for each entry point at import
+                if entry.name in ops.REGISTRY:
+                    added.append(entry.name)
+        yield added
+    finally:
+        for name in added:
+            ops.REGISTRY.pop(name, None)
+            ops._ORIGINS.pop(name, None)  # noqa: SLF001
+        sys.path.remove(str(site))
+        for module in [m for m in sys.modules if m.split(".")[0] == "luminagrid_example_ops"]:
+            del sys.modules[module]

@@ -1,14 +1,17 @@
 """Fault injection, loaded only into the crash tests' workers (`--include faults`) and the tests
 that drive them. Never shipped.
 
+Strip faults apply to every operation's strip compute, built in or from an installed package
+(each registered operation's `compute` is wrapped: `_wrap_operations`):
 - `LUMINAGRID_TEST_STRIP_DELAY_S`: every strip first computes (burns CPU) this long, so a test can
   kill it mid-run. Not a sleep: a strip whose process uses no CPU for `LUMINAGRID_STALL_S` is hung
   (`luminagrid.speculation`), and a long strip is one that works.
 - A strip whose first own row begins with `POISON` SIGKILLs its pool process, on every delivery:
-  an input that always kills its worker. One whose first own row begins with `HANG` blocks its
-  process (no CPU) for good, on every delivery: an input that hangs every worker it visits.
-- `LUMINAGRID_TEST_RUNS`: a file every strip run appends to ("start"/"end", task id, pid, retries),
-  so a test can prove that its fault hit a run in flight and that the strip ran again.
+  an input that always kills its worker (a gray row's first bytes; a colour row's first B, G, R,
+  B, ... values). One whose first own row begins with `HANG` blocks its process (no CPU) for good,
+  on every delivery: an input that hangs every worker it visits.
+- `LUMINAGRID_TEST_RUNS`: a file every strip run appends to ("start"/"end", task id, pid, retries,
+  operation), so a test can prove that its fault hit a run in flight and that the strip ran again.
 - `LUMINAGRID_TEST_HOLD_DIR`: phase holds. A test arms one phase (`arm`); the first process to get
   there writes `<phase>.reached` and waits until the test writes `<phase>.release`, so the test can
   stop Redis exactly then. Phases (`PHASES`), in a job's order: `publish` (the client, after 2
@@ -31,9 +34,10 @@ from celery import current_task
 from celery.signals import after_task_publish, before_task_publish
 from kombu.transport import redis as kombu_redis
 
-from luminagrid import canny, jobs
+from luminagrid import jobs, ops
 from luminagrid.backend import PollingRedisBackend, strip_of
 from luminagrid.ops.canny import Canny
+from luminagrid.strips import Strip
 
 POISON = np.array([13, 37, 13, 37, 13, 37, 13, 37], np.uint8)
 HANG = np.array([42, 7, 42, 7, 42, 7, 42, 7], np.uint8)
@@ -97,13 +101,13 @@ def busy(seconds: float) -> None:
 
 # --- run records --------------------------------------------------------------------------------
 
-def _record_run(what: str) -> None:
+def _record_run(what: str, op: str | None = None) -> None:
     path = os.environ.get("LUMINAGRID_TEST_RUNS")
     if not path:
         return
     request = current_task.request if current_task else None
     line = json.dumps({"what": what, "task": getattr(request, "id", None), "pid": os.getpid(),
-                       "retries": getattr(request, "retries", 0), "t": time.time()})
+                       "retries": getattr(request, "retries", 0), "t": time.time(), "op": op})
     with open(path, "a") as f:
         f.write(line + "\n")
 
@@ -118,23 +122,43 @@ def runs(path: Path, task_id: str | None = None) -> list[dict[str, Any]]:
 
 # --- the patches --------------------------------------------------------------------------------
 
-_original_strip = canny.canny_strip
+def poisoned(pixels: np.ndarray, strip: Strip, marker: np.ndarray = POISON) -> bool:
+    """Whether the strip's first own row begins with `marker` (gray: its first pixels; colour: its
+    first pixels' B, G, R values in a row)."""
+    first = np.asarray(pixels[strip.halo_top]).reshape(-1)[: marker.size]
+    return np.array_equal(first, marker)
 
 
-def _faulty(gray: np.ndarray, halo_top: int, *args: Any, **kwargs: Any) -> canny.StripEdges:
-    _record_run("start")
-    busy(float(os.environ.get("LUMINAGRID_TEST_STRIP_DELAY_S", "0")))
-    if np.array_equal(gray[halo_top, : POISON.size], POISON):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if np.array_equal(gray[halo_top, : HANG.size], HANG):
-        time.sleep(10 * HOLD_TIMEOUT_S)  # blocked, using no CPU, until its process is killed
-    hold("run", task=getattr(current_task.request, "id", None) if current_task else None)
-    result = _original_strip(gray, halo_top, *args, **kwargs)
-    _record_run("end")
-    return result
+def _faulty(op: ops.Operation) -> Any:
+    """`op.compute` with the strip faults around it: run records, the delay, POISON, the `run` hold."""
+    compute = op.compute
+
+    def faulty_compute(pixels: np.ndarray, strip: Strip, height: int, values: Any) -> Any:
+        _record_run("start", op.name)
+        busy(float(os.environ.get("LUMINAGRID_TEST_STRIP_DELAY_S", "0")))
+        if poisoned(pixels, strip):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if poisoned(pixels, strip, HANG):
+            time.sleep(10 * HOLD_TIMEOUT_S)  # blocked, using no CPU, until its process is killed
+        hold("run", task=getattr(current_task.request, "id", None) if current_task else None)
+        result = compute(pixels, strip, height, values)
+        _record_run("end", op.name)
+        return result
+
+    faulty_compute.faults_wrapped = True  # type: ignore[attr-defined]
+    return faulty_compute
 
 
-canny.canny_strip = _faulty
+def _wrap_operations() -> None:
+    """Every registered operation (built in, and every plugin `luminagrid.ops` loaded from its
+    entry point when it was imported) computes its strips through `_faulty`: an instance
+    attribute over its class's `compute`, once per operation."""
+    for op in ops.REGISTRY.values():
+        if not getattr(op.__dict__.get("compute"), "faults_wrapped", False):
+            op.compute = _faulty(op)  # type: ignore[method-assign]
+
+
+_wrap_operations()
 
 _original_append = kombu_redis.QoS.append
 

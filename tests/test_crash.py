@@ -120,6 +120,16 @@ def pool_children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def hit_a_strip(pid: int, killed_at: float, runs: list[dict]) -> bool:
+    """Whether the kill of `pid` at `killed_at` hit a strip in flight: the last strip that process
+    started before the kill has no "end" (a killed process never writes one)."""
+    starts = [r for r in runs if r["what"] == "start" and r["pid"] == pid and r["t"] <= killed_at]
+    if not starts:
+        return False
+    last = starts[-1]
+    return not [r for r in runs if r["what"] == "end" and r["pid"] == pid and r["task"] == last["task"] and r["t"] >= last["t"]]
+
+
 def print_worker_logs(c: LocalCluster, lines: int = 40) -> None:
     """The last lines of every worker's log: what a failed crash test needs to be diagnosed."""
     for node in c.nodes:
@@ -333,9 +343,10 @@ def test_a_consumer_step_stops_cleanly_after_its_connection_was_dropped() -> Non
 
 
 def test_soak_jobs_complete_exactly_under_random_sigkills_and_redis_outages() -> None:
-    """Three jobs in flight at a time while a killer SIGKILLs random pool processes and Redis is
-    stopped or crashed every few seconds; a third and two thirds of the way in, a whole worker
-    (main process and pool) is killed and replaced."""
+    """Three jobs in flight at a time while a killer SIGKILLs random pool processes (half the time
+    one running a strip) and Redis is stopped or crashed every few seconds; a third and two thirds
+    of the way in, a whole worker (main process and pool) is killed and replaced. The run records count the kills that hit a
+    strip in flight (the killed process started one and never ended it): at least one must have."""
     with faulty_cluster(max_deliveries=50) as c:
         use_broker(c.url)
         assert c.redis is not None
@@ -343,6 +354,7 @@ def test_soak_jobs_complete_exactly_under_random_sigkills_and_redis_outages() ->
         rng = random.Random(36)
         stop = threading.Event()
         kills = {"pool": 0, "worker": 0, "redis": 0}
+        killed: list[tuple[int, float]] = []  # (pid, when) of every pool process killed, alone or with its worker
 
         # Only workers that finished starting are targets: Celery gives up on a worker whose pool
         # process dies during start-up ("Could not start worker processes"), and a supervisor
@@ -352,19 +364,32 @@ def test_soak_jobs_complete_exactly_under_random_sigkills_and_redis_outages() ->
         def live_nodes() -> list:
             return [n for n in ready if n.proc and n.proc.poll() is None]
 
+        def computing() -> set[int]:
+            """PIDs with a strip started and not ended (run records)."""
+            runs = faults.runs(RUNS)
+            ended = {(r["task"], r["pid"]) for r in runs if r["what"] == "end"}
+            return {r["pid"] for r in runs if r["what"] == "start" and (r["task"], r["pid"]) not in ended}
+
         def kill_pool_processes() -> None:
             while not stop.wait(rng.uniform(0.2, 0.6)):
                 children = [p for n in live_nodes() for p in pool_children(n.proc.pid)]
+                # Half the kills aim at a process with a strip in flight (if any): most pool
+                # processes are idle at any instant, and a kill of an idle one tests little.
+                busy = [p for p in children if p in computing()]
                 if children:
                     try:
-                        os.kill(rng.choice(children), signal.SIGKILL)
+                        pid = rng.choice(busy if busy and rng.random() < 0.5 else children)
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append((pid, time.time()))
                         kills["pool"] += 1
                     except ProcessLookupError:
                         pass
 
         def kill_a_worker() -> None:
             node = rng.choice(live_nodes())
+            pool = pool_children(node.proc.pid)
             os.killpg(node.proc.pid, signal.SIGKILL)
+            killed.extend((pid, time.time()) for pid in pool)
             kills["worker"] += 1
             node = c.add_worker(f"replacement{kills['worker']}@{os.uname().nodename}")
             wait_for_workers([node.name], [node.proc])
@@ -400,6 +425,10 @@ def test_soak_jobs_complete_exactly_under_random_sigkills_and_redis_outages() ->
             for thread in threads:
                 thread.join()
             outages.close()
+        runs = faults.runs(RUNS)
+        hits = [(pid, at) for pid, at in killed if hit_a_strip(pid, at, runs)]
         print(f"\n{SOAK_JOBS} jobs exact under {kills['pool']} pool-process and {kills['worker']} worker SIGKILLs "
-              f"and {kills['redis']} Redis stops or crashes in {time.monotonic() - started:.0f} s")
+              f"and {kills['redis']} Redis stops or crashes in {time.monotonic() - started:.0f} s; "
+              f"{len(hits)} of {len(killed)} killed pool processes were running a strip")
         assert kills["pool"] > 0 and kills["worker"] == 2 and kills["redis"] > 0
+        assert hits, "no kill hit a strip in flight: the soak tested idle processes only"

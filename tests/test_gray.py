@@ -29,7 +29,6 @@ import numpy as np
 import psutil
 import pytest
 from conftest import CLI, REPO, synthetic, wait_for
-from test_plugins import copy_of, pip_install
 
 import faults
 from luminagrid import liveness, ops, speculation
@@ -51,16 +50,11 @@ CASES: dict[str, tuple[dict[str, Any], int, Any]] = {
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("gray-plugin")
-    return pip_install(copy_of(tmp / "src"), tmp / "site")
-
-
-@pytest.fixture(scope="module")
-def gray(site: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, Path, dict[str, str]]]:
+def gray(plugin_site: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, Path, dict[str, str]]]:
     """Two workers (one pool process each) with the plugin and the fault module; strips are hung
     after `STALL_S` without CPU (the default is 3 s; shorter keeps the tests short)."""
     runs = tmp_path_factory.mktemp("gray-runs") / "runs.log"
+    site = plugin_site
     env = {"PYTHONPATH": f"{site}{os.pathsep}{REPO / 'tests'}", "LUMINAGRID_TEST_RUNS": str(runs),
            "LUMINAGRID_TEST_STRIP_DELAY_S": str(STRIP_DELAY_S), "LUMINAGRID_STALL_S": str(STALL_S)}
     with LocalCluster(workers=2, concurrency=1, worker_env=env, worker_args=["--include", "faults"]) as c:

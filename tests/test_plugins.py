@@ -22,7 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO, synthetic
+from conftest import PLUGIN_PACKAGE as PACKAGE
+from conftest import synthetic
 from test_cli import run
 
 from luminagrid import exactness, ops, strips
@@ -31,23 +32,7 @@ from luminagrid.errors import OperationUnavailable
 from luminagrid.record import Record
 from luminagrid.local import LocalCluster
 
-PLUGIN = REPO / "examples" / "plugin"
-PACKAGE = "luminagrid-example-ops"
 JPEG_444 = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
-
-
-def pip_install(source: Path, target: Path) -> Path:
-    """Install the package in `source` into the folder `target` (as a user installs it, built by pip)."""
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                           str(source)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return target
-
-
-def copy_of(target: Path) -> Path:
-    """The example plugin's source, copied: pip leaves `build/` and `*.egg-info` where it builds."""
-    shutil.copytree(PLUGIN, target, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    return target
 
 
 def variant(site: Path, tmp: Path, name: str, version: str, edit: tuple[str, str, str] | None = None) -> Path:
@@ -70,11 +55,11 @@ def variant(site: Path, tmp: Path, name: str, version: str, edit: tuple[str, str
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Folders with the plugin installed: "v1" as shipped (0.1.0, installed by pip), "v2" the same
-    code as 0.2.0, "short" a 0.1.1 whose median declares a halo one row short."""
+def sites(plugin_site: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Folders with the plugin installed: "v1" as shipped (0.1.0, installed by pip: `plugin_site`),
+    "v2" the same code as 0.2.0, "short" a 0.1.1 whose median declares a halo one row short."""
     tmp = tmp_path_factory.mktemp("plugins")
-    v1 = pip_install(copy_of(tmp / "src"), tmp / "site-v1")  # (a copy: pip builds in the source folder)
+    v1 = plugin_site
     return {
         "v1": v1,
         "v2": variant(v1, tmp, "site-v2", "0.2.0"),
