@@ -63,19 +63,21 @@ class Hold:
     run_s: float = 0.0
     cpu_s: float = 0.0
     idle_s: float = 0.0
+    #: CPU seconds per second lately (1.0: full speed)
+    rate: float = 1.0
 
     def row(self) -> list[Any]:
         """As stored in the node's holds record."""
         if not self.pid:
             return [self.task_id, self.tag, self.state]
         return [self.task_id, self.tag, self.state, self.pid, round(self.run_s, 3), round(self.cpu_s, 3),
-                round(self.idle_s, 3)]
+                round(self.idle_s, 3), round(self.rate, 3)]
 
     @classmethod
     def from_row(cls, row: list[Any]) -> Hold:
         task_id, tag, state, *measure = row
-        pid, run_s, cpu_s, idle_s = (measure + [0, 0.0, 0.0, 0.0])[:4] if measure else (0, 0.0, 0.0, 0.0)
-        return cls(str(task_id), str(tag), str(state), int(pid), float(run_s), float(cpu_s), float(idle_s))
+        pid, run_s, cpu_s, idle_s, rate = [*measure, *[0, 0.0, 0.0, 0.0, 1.0][len(measure):]][:5]  # (older rows: fewer)
+        return cls(str(task_id), str(tag), str(state), int(pid), float(run_s), float(cpu_s), float(idle_s), float(rate))
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,8 @@ def current_holds(warden: Warden | None = None,
             seen.add(str(tag))
             m = measures.get(str(request.id)) if state == "running" else None
             out.append(Hold(task_id=str(request.id), tag=str(tag), state=state, pid=m.pid if m else 0,
-                            run_s=m.run_s if m else 0.0, cpu_s=m.cpu_s if m else 0.0, idle_s=m.idle_s if m else 0.0))
+                            run_s=m.run_s if m else 0.0, cpu_s=m.cpu_s if m else 0.0, idle_s=m.idle_s if m else 0.0,
+                            rate=m.rate if m else 1.0))
     return out
 
 

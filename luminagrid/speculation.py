@@ -162,13 +162,19 @@ def hung_reason(run: Run, r: Record, cost: costs.Cost | None, stall_s: float) ->
     return None
 
 
+def rate_of(run: Run) -> float:
+    """CPU seconds per second its process gets: the lower of its recent rate and its whole run's
+    (one that just began to crawl, or one that crawled all along)."""
+    h = run.hold
+    return min(h.rate, h.cpu_s / h.run_s if h.run_s > 0 else 1.0)
+
+
 def time_left_s(run: Run, expected_cpu_s: float) -> float | None:
-    """Estimated seconds until this run finishes at its own rate so far, or None if not yet known."""
+    """Estimated seconds until this run finishes at its rate, or None if not yet known."""
     h = run.hold
     if h.run_s < MIN_OBSERVED_S:
         return None
-    rate = h.cpu_s / h.run_s
-    return max(0.0, expected_cpu_s - h.cpu_s) / max(rate, 0.01)
+    return max(0.0, expected_cpu_s - h.cpu_s) / max(rate_of(run), 0.01)
 
 
 def judge(facts: Facts, stall_s: float) -> Plan:
@@ -248,7 +254,7 @@ def judge(facts: Facts, stall_s: float) -> Plan:
             left = None if expected is None else time_left_s(run, expected)
             if expected is None or left is None:
                 continue
-            rate = run.hold.cpu_s / run.hold.run_s
+            rate = rate_of(run)
             copy_s = expected + COPY_OVERHEAD_S
             if rate < SLOW_RATE and left > SLOW_FACTOR * copy_s:
                 candidates.append((left, run, f"runs at {rate:.0%} of full speed on {run.node.id}: "
@@ -297,6 +303,8 @@ class Speculator:
         self.pending: dict[tuple[str, int], tuple[str, float]] = {}
         #: stop orders given: (node, task id, pid) (given once; a node takes each at its next beat)
         self.ordered: set[tuple[str, str, int]] = set()
+        #: jobs with a strip copied or hung here: their leftover runs are stopped once the job is over
+        self.watched: set[str] = set()
 
     def beat(self, nodes: list[Node], jobs: list[Record], now: float, publish: Callable[[Any, Any], None],
              fail: Callable[[Record, str], None]) -> Plan:
@@ -310,8 +318,16 @@ class Speculator:
         holding = {(s, n.id) for n in nodes if n.alive for h in n.holds if (s := strip_of(h.task_id))}
         self.pending = {k: (node, t) for k, (node, t) in self.pending.items()
                         if (k, node) not in holding and node in alive and now - t < 2 * self.settings.stall_s}
+        # A job that is over (done, failed, cancelled) leaves the active jobs: stop what still runs
+        # of it where a copy or a hang was (its losers, its hung processes).
+        leftover = [Stop(n.id, h.task_id, h.pid, f"job {strip[0]} is over") for n in nodes if n.alive
+                    for h in n.running if (strip := strip_of(h.task_id)) and strip[0] in self.watched
+                    and strip[0] not in by_id and h.pid]
+        self.watched = {job for job in self.watched if job in by_id or any(s.task_id.startswith(job) for s in leftover)}
         if not wanted:
-            return Plan()
+            plan = Plan(stops=leftover)
+            self._act(plan, by_id, {}, {}, now, publish, fail)
+            return plan
         with self.db.pipeline(transaction=False) as pipe:
             for job in wanted:
                 pipe.hkeys(PROGRESS_KEY.format(job=job))
@@ -337,6 +353,8 @@ class Speculator:
                       costs=costs.read(self.db, classes), hung_on=hung_on, copied=copied, winners=winners,
                       pending={k: node for k, (node, _) in self.pending.items()})
         plan = judge(facts, self.settings.stall_s)
+        plan.stops += leftover
+        self.watched |= {job for job, _ in [*plan.hangs, *copied, *hung_on]} | {x.job for x in plan.launches}
         self._act(plan, by_id, hung_on, copied, now, publish, fail)
         return plan
 

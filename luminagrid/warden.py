@@ -7,7 +7,9 @@ not from the process itself, which may be stopped or stuck in native code:
 - `run_s`: wall seconds since it took it;
 - `idle_s`: wall seconds since its CPU time last grew. A process stopped by a signal, blocked
   forever, or deadlocked does not grow it; one that crawls (throttled, swapping, starved) grows
-  it slowly, and is told apart by its rate `cpu_s / run_s`.
+  it slowly, and is told apart by its rate;
+- `rate`: CPU seconds per wall second over about the last `RATE_WINDOW_S` (a process that just
+  began to crawl shows it at once, not diluted by its fast start).
 The supervisor judges these (`speculation.py`) and may order the node to stop a process (a
 strip's copy elsewhere finished first, or it hung): `Warden.stop` SIGKILLs it if it still runs
 that task. Celery then finds the strip's result stored (by the other copy) and acknowledges the
@@ -29,6 +31,8 @@ import psutil
 log = logging.getLogger(__name__)
 #: CPU growth below this between two beats does not count as progress, in seconds.
 CPU_EPSILON_S = 0.005
+#: The recent rate is measured over at least this long, in seconds.
+RATE_WINDOW_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Measure:
     run_s: float
     cpu_s: float
     idle_s: float
+    rate: float
 
 
 @dataclass
@@ -47,6 +52,8 @@ class _Track:
     cpu0_s: float  # the process's CPU time before it took the task
     last_cpu_s: float
     advanced_at: float  # time.time() when its CPU time last grew
+    #: (time.time(), CPU seconds) at recent beats, oldest first, spanning about `RATE_WINDOW_S`
+    samples: list[tuple[float, float]]
 
 
 def _cpu_s(pid: int) -> float | None:
@@ -80,13 +87,19 @@ class Warden:
             key = (str(request.id), int(pid))
             track = self._tracks.get(key)
             if track is None:  # first seen running: its CPU before is the process's at the last beat
-                track = _Track(float(started), self._last_cpu.get(pid, cpu), cpu, float(started))
+                cpu0 = self._last_cpu.get(pid, cpu)
+                track = _Track(float(started), cpu0, cpu, float(started), [(float(started), cpu0)])
             if cpu - track.last_cpu_s >= CPU_EPSILON_S:
                 track.advanced_at, track.last_cpu_s = now, cpu
+            track.samples.append((now, cpu))
+            while len(track.samples) > 2 and now - track.samples[1][0] >= RATE_WINDOW_S:
+                track.samples.pop(0)
+            (t0, c0) = track.samples[0]
             tracks[key] = track
             self._last_cpu[pid] = cpu
             out[key[0]] = Measure(pid=pid, run_s=max(0.0, now - track.started_at), cpu_s=max(0.0, cpu - track.cpu0_s),
-                                  idle_s=max(0.0, now - track.advanced_at))
+                                  idle_s=max(0.0, now - track.advanced_at),
+                                  rate=max(0.0, cpu - c0) / (now - t0) if now - t0 > 0 else 1.0)
         self._tracks = tracks
         for pid in _children():  # idle pool processes too: the baseline of the next task each takes
             if pid not in {k[1] for k in tracks}:

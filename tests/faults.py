@@ -93,9 +93,9 @@ def release(folder: Path, phase: str) -> None:
 
 
 def busy(seconds: float) -> None:
-    """Use the CPU for `seconds` (a strip that computes this long)."""
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    """Use `seconds` of CPU time (a strip that computes this long: stopped or starved, it takes longer)."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
         pass
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import CLI, REPO, synthetic, wait_for
+from test_supervision import print_logs
 
 import faults
 from luminagrid import liveness, ops, speculation
@@ -90,6 +91,13 @@ def running(url: str, job_id: str) -> dict[str, tuple[liveness.Node, liveness.Ho
     """Task id -> (node, hold) of the job's strips running in a pool process that used CPU on them."""
     return {h.task_id: (n, h) for n in liveness.read(client(url)) if n.alive
             for h in n.running if h.task_id.startswith(job_id + ".strip") and h.pid and h.cpu_s > 0.05}
+
+
+def finished(url: str, job_id: str) -> bool:
+    """The job's stitch stored its result (nobody collected it yet)."""
+    from luminagrid.supervisor import state_of  # noqa: PLC0415
+
+    return state_of(client(url).getrange(f"celery-task-meta-{job_id}", 0, 63)) == "SUCCESS"
 
 
 def in_flight(runs: Path, pid: int, task_id: str) -> bool:
@@ -157,18 +165,20 @@ def test_a_hung_strip_runs_again_elsewhere_within_seconds_and_its_process_is_rep
     assert in_flight(runs, hold.pid, task_id)  # the fault hits a strip in flight
     with stopped(hold.pid):
         hung_at = time.monotonic()
-        proc = collect(job_id, env)
+        wait_for(lambda: finished(c.url, job_id), 60, "the job to finish")
         done_s = time.monotonic() - hung_at
         wait_for(lambda: gone(hold.pid), 10, f"the hung pool process {hold.pid} to be stopped")
-    done, out = output_of(proc, job_id)
-    assert np.array_equal(out, CASES[op][2](image)), f"{op}: the output differs from the whole-image result"
     status = json.loads(cli(["status", job_id, "--json"], env).stdout)
     copies = status["copies"]
+    done, out = output_of(collect(job_id, env), job_id)
+    assert np.array_equal(out, CASES[op][2](image)), f"{op}: the output differs from the whole-image result"
     print(f"\n{op}: a pool process hung (SIGSTOP) mid-strip on {node.id}: job done {done_s:.1f} s later; "
           f"copies {[(x['strip'], x['reason'], x['node'], x['outcome']) for x in copies]}")
-    assert [(x["strip"], x["reason"], x["origin"], x["outcome"]) for x in copies] == [
-        (int(task_id.rpartition(".strip")[2]), "hung", node.id, "won")]
-    assert copies[0]["node"] != node.id
+    # (A stopped process also falls behind: once the other worker is idle, the straggler rule may
+    # copy it before the stall time is up. Either way, one copy, elsewhere, wins.)
+    assert [(x["strip"], x["origin"], x["outcome"]) for x in copies] == [
+        (int(task_id.rpartition(".strip")[2]), node.id, "won")]
+    assert copies[0]["reason"] in ("hung", "slow") and copies[0]["node"] != node.id
     assert done_s <= STALL_S + 8.0, done_s
     starts = Counter(r["task"] for r in faults.runs(runs) if r["what"] == "start" and r["task"].startswith(job_id))
     assert starts[task_id] == 2 and all(v == 1 for t, v in starts.items() if t != task_id), starts
@@ -190,11 +200,15 @@ def test_a_crawling_worker_gets_its_strip_copied_and_the_first_to_finish_wins(
     task_id, (node, hold) = sorted(both.items())[0]
     with crawling(hold.pid):
         assert in_flight(runs, hold.pid, task_id)
-        proc = collect(job_id, env)
-        wait_for(lambda: gone(hold.pid), 10, f"the crawling pool process {hold.pid} to be stopped")
-    done, out = output_of(proc, job_id)
-    assert np.array_equal(out, CASES[op][2](image)), f"{op}: the output differs from the whole-image result"
+        try:
+            wait_for(lambda: finished(c.url, job_id), 60, "the job to finish")
+            wait_for(lambda: gone(hold.pid), 10, f"the crawling pool process {hold.pid} to be stopped")
+        except BaseException:
+            print_logs(c)
+            raise
     copies = json.loads(cli(["status", job_id, "--json"], env).stdout)["copies"]
+    done, out = output_of(collect(job_id, env), job_id)
+    assert np.array_equal(out, CASES[op][2](image)), f"{op}: the output differs from the whole-image result"
     print(f"\n{op}: a worker at 10 % speed: copies {[(x['strip'], x['reason'], x['node'], x['outcome']) for x in copies]}")
     assert [(x["strip"], x["reason"], x["origin"], x["outcome"]) for x in copies] == [
         (int(task_id.rpartition(".strip")[2]), "slow", node.id, "won")]
