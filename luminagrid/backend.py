@@ -21,6 +21,8 @@ a failover); `backend_url` picks the one that fits the URL.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from contextvars import ContextVar
 from functools import cached_property
 from typing import Any
 
@@ -36,6 +38,10 @@ from luminagrid.settings import PROGRESS_KEY
 #: Retries of one Redis command on a connection error (about a minute at most 1 s apart).
 COMMAND_RETRIES = 60
 META_PREFIX = "celery-task-meta-"
+#: While set (in one thread: `lease.Fence.results`), that thread's result writes go through it
+#: instead, as `hook(key, value, expires, progress)`, `progress` (hash, strip index, state) or None.
+STORE_HOOK: ContextVar[Callable[[str, Any, int | None, tuple[str, str, str] | None], None] | None] = \
+    ContextVar("luminagrid_store_hook", default=None)
 
 
 def retrying() -> dict[str, Any]:
@@ -90,6 +96,11 @@ class PollingRedisBackend(RedisBackend):
         expires = self.expires if expires is None else expires
         name = key.decode() if isinstance(key, bytes) else str(key)
         strip = strip_of(name[len(META_PREFIX):]) if name.startswith(META_PREFIX) else None
+        hook = STORE_HOOK.get()
+        if hook is not None:
+            ready = strip is not None and state in states.READY_STATES
+            hook(name, value, expires, (PROGRESS_KEY.format(job=strip[0]), str(strip[1]), str(state)) if ready else None)
+            return
         with self.client.pipeline(transaction=strip is not None) as pipe:
             pipe.set(key, value, ex=expires or None)
             if strip is not None and state in states.READY_STATES:
