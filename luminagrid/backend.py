@@ -98,8 +98,9 @@ class PollingRedisBackend(RedisBackend):
         strip = strip_of(name[len(META_PREFIX):]) if name.startswith(META_PREFIX) else None
         hook = STORE_HOOK.get()
         if hook is not None:
-            ready = strip is not None and state in states.READY_STATES
-            hook(name, value, expires, (PROGRESS_KEY.format(job=strip[0]), str(strip[1]), str(state)) if ready else None)
+            done = (PROGRESS_KEY.format(job=strip[0]), str(strip[1]), str(state)) \
+                if strip is not None and state in states.READY_STATES else None
+            hook(name, value, expires, done)
             return
         with self.client.pipeline(transaction=strip is not None) as pipe:
             pipe.set(key, value, ex=expires or None)

@@ -141,6 +141,10 @@ class Lease:
         self.db, self.mq, self.node, self.ttl_ms, self.mirrored = db, mq, node, int(ttl_s * 1000), mirrored
         #: this node's token while it holds the lease (as far as it knows), else None
         self.token: str | None = None
+        #: whether the last take was a take back: the lease lapsed under this node (no other node
+        #: was seen holding it since), so its own renewals, or Redis, were held up
+        self.retaken = False
+        self._lapsed: str | None = None
         self._hold = db.register_script(_HOLD_LUA)
         self._mirror = mq.register_script(_MIRROR_LUA)
         self._release_db = db.register_script(_RELEASE_LUA)
@@ -161,8 +165,11 @@ class Lease:
         got, token = self._hold(keys=[LEASE_KEY, EPOCH_KEY], args=[self.token or "", self.node, self.ttl_ms])
         token = token.decode() if isinstance(token, bytes) else str(token)
         if int(got) == 0:
-            self.token = None
+            self.token = self._lapsed = None
             return 0
+        if int(got) == 2:
+            self.retaken = bool(self.token or self._lapsed)
+            self._lapsed = None
         self.token = token
         if self.mirrored and not self._mirror_token(token):
             self.token = None
@@ -171,7 +178,8 @@ class Lease:
 
     def _mirror_token(self, token: str) -> bool:
         if not int(self._mirror(keys=[LEASE_KEY], args=[token, epoch_of(token) or 0, self.ttl_ms])):
-            log.warning("lease: the broker's mirror of the lease names a later epoch than %s; not supervising", token)
+            log.warning("lease: the broker's mirror of the lease names a later epoch than %s; not supervising",
+                        token)
             return False
         if self.db.get(LEASE_KEY) != token.encode():  # lost while mirroring: undo the mirror
             self._release_mq(keys=[LEASE_KEY], args=[token])
@@ -180,7 +188,7 @@ class Lease:
 
     def lost(self) -> None:
         """A fenced write was refused: the lease is not ours any more."""
-        self.token = None
+        self._lapsed, self.token = self.token, None
 
     def release(self) -> None:
         """Give the lease up at once (a clean shutdown), if still held."""
@@ -206,7 +214,8 @@ class Fence:
 
     # --- the one primitive ----------------------------------------------------------------------
 
-    def call(self, body: str, keys: Sequence[str] = (), args: Sequence[Any] = (), broker: bool = False) -> Any:
+    def call(self, body: str, keys: Sequence[str] = (), args: Sequence[Any] = (),
+             broker: bool = False) -> Any:
         """Run the Lua `body` atomically with the lease check, on the result backend's Redis (or
         the broker's, `broker=True`). `body` sees its keys and arguments as `K` and `A` (KEYS and
         ARGV without the fence's own) and returns what the call returns."""
@@ -232,20 +241,25 @@ class Fence:
         does (marked redelivered, to the list of its priority, with RPUSH: the end workers take
         from, unless `leftmost`), provided its entry in `unacked` is still the one read here.
         False if it was acknowledged or changed meanwhile."""
+        indices = [queues.UNACKED, queues.UNACKED_INDEX]
         raw = self.lease.mq.hget(queues.UNACKED, tag)
-        if raw is None:
-            return bool(self.call(_RESTORE_LUA, [queues.UNACKED, queues.UNACKED_INDEX], [tag, "", "", ""], broker=True))
+        if raw is None:  # acknowledged meanwhile: as kombu, still clear its index entry
+            return bool(self.call(_RESTORE_LUA, indices, [tag, "", "", ""], broker=True))
         payload, exchange, routing_key = loads(raw.decode() if isinstance(raw, bytes) else raw)
         try:
             payload["headers"]["redelivered"] = True
             payload["properties"]["delivery_info"]["redelivered"] = True
         except (KeyError, TypeError):
             pass
-        channel = self._kombu_channel()
-        priority = channel._get_message_priority(payload, reverse=False)
-        targets = [channel._q_for_pri(q, priority) for q in channel._lookup(exchange, routing_key)]
-        return bool(self.call(_RESTORE_LUA, [queues.UNACKED, queues.UNACKED_INDEX, *targets],
-                              [tag, raw, dumps(payload), "1" if leftmost else "0"], broker=True))
+        try:
+            channel = self._kombu_channel()
+            priority = channel._get_message_priority(payload, reverse=False)
+            targets = [channel._q_for_pri(q, priority) for q in channel._lookup(exchange, routing_key)]
+        except Exception:
+            self.close()  # a broken connection: make a new one next time
+            raise
+        return bool(self.call(_RESTORE_LUA, [*indices, *targets], [tag, raw, dumps(payload), "1" if leftmost else "0"],
+                              broker=True))
 
     def drop(self, tag: str) -> bool:
         """Forget the unacknowledged message `tag` (its task finished; its acknowledgement was lost)."""

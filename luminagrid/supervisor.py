@@ -196,8 +196,6 @@ class Supervisor(threading.Thread):
         self.renewed_at = -math.inf
         #: when this thread last heard from Redis (a gap longer than `stale_after_s` makes it wait)
         self.contact_at = -math.inf
-        #: whether this node ever held the lease (a take after that is a take back)
-        self.ever_led = False
         self._forget_state()
 
     def _forget_state(self) -> None:
@@ -328,13 +326,12 @@ class Supervisor(threading.Thread):
         if got == 2:
             # Taken (again): whatever it knew, and whatever happened while nobody (or a lost or
             # paused node) supervised, is unknown. Forget it, and look for lost messages once.
-            back = self.ever_led
             self._forget_state()
             # Taken back: its own lease lapsed, so its beats were held up (or Redis's were): wait
             # for the workers to beat again before judging them, even if Redis did not restart.
-            self.taken_back, self.ever_led = back, True
+            self.taken_back = self.lease.retaken
             log.warning("supervisor: %s %s (lease %s)", self.node,
-                        "took the lease back" if back else "supervises now", self.lease.token)
+                        "took the lease back" if self.taken_back else "supervises now", self.lease.token)
             self._request_walk(f"{self.node} took over supervision", time.monotonic())
         return got
 
@@ -349,7 +346,7 @@ class Supervisor(threading.Thread):
         if got == 0:
             raise LeaseLost("another worker holds the lease")
         if got == 2:
-            raise LeaseLost(f"the lease had lapsed; took it again as {self.lease.token}, with a fresh view next beat")
+            raise LeaseLost(f"the lease had lapsed; took it again as {self.lease.token}; a fresh view next beat")
 
     def _watch_restarts(self, now: float) -> None:
         ids: tuple[str, ...] = (str(self.db.info("server")["run_id"]),)
@@ -524,9 +521,9 @@ class Supervisor(threading.Thread):
         read = present.index(0)
         row = r.plan()[read].row0
         self._keep_lease()
+        payloads = [claims.key_for(r.id, "in", i) for i in range(r.spec.strips)]
         self.fence.call(_ABANDON_LUA,  # its strips are skipped, their payloads freed
-                        [CANCEL_KEY.format(job=r.id), ACTIVE_JOBS_KEY, *(claims.key_for(r.id, "in", i) for i in range(r.spec.strips))],
-                        [r.id, self.settings.result_ttl_s])
+                        [CANCEL_KEY.format(job=r.id), ACTIVE_JOBS_KEY, *payloads], [r.id, self.settings.result_ttl_s])
         self._fail(r.id, MessageError(
             f"its submitter stopped after sending {read} of {r.spec.strips} strips (rows 0-{row} of "
             f"{r.spec.height}); the rest of the image never reached Redis: submit the image again"))
@@ -576,8 +573,8 @@ class Supervisor(threading.Thread):
             if missing:  # counted as finished, but their results are gone: they run again
                 self._keep_lease()
                 for i in missing:  # `records.forget_strip`, fenced
-                    self.fence.call(_FORGET_STRIP_LUA, [PROGRESS_KEY.format(job=r.id),
-                                                        app.backend.get_key_for_task(r.strip_task_id(i))], [i])
+                    result = app.backend.get_key_for_task(r.strip_task_id(i))
+                    self.fence.call(_FORGET_STRIP_LUA, [PROGRESS_KEY.format(job=r.id), result], [i])
                 self._request_walk(f"job {r.id}: results of strips {missing} are gone", now)
                 continue
             failed = [i for i, m in enumerate(strip_metas) if m is not None and m["status"] != states.SUCCESS]

@@ -218,6 +218,8 @@ def test_a_supervisor_that_takes_the_lease_back_forgets_its_state_and_waits_for_
         s.renewed_at = -float("inf")
         s._keep_lease()
     assert not s.leading and not s.orphans  # lost: forgotten too
+    other.release()
+    assert s._hold_lease() == 2 and not s.taken_back  # it saw another take over: a plain takeover
 
 
 def test_a_supervisor_whose_beats_had_a_gap_waits_for_workers_to_beat_again(url: str) -> None:
