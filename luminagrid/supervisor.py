@@ -338,8 +338,14 @@ class Supervisor(threading.Thread):
     def _keep_lease(self) -> None:
         """Before an action: renew the lease if a beat passed since it was last renewed; stop
         acting if another worker has it, or if it had lapsed and was taken again (the view this
-        beat read is stale then)."""
-        if time.monotonic() - self.renewed_at < self.beat_s:
+        beat read is stale then), or if it heard nothing from Redis for longer than
+        `stale_after_s` (paused mid-beat: wait for the workers to beat again)."""
+        now = time.monotonic()
+        if now - self.contact_at > self.stale_after_s:
+            self.stable_since = now
+            raise LeaseLost(f"heard nothing from Redis for {now - self.contact_at:.1f} s mid-beat; "
+                            "judging liveness once workers beat again")
+        if now - self.renewed_at < self.beat_s:
             return
         got = self._hold_lease()
         self._contact()

@@ -214,8 +214,8 @@ def test_a_supervisor_that_takes_the_lease_back_forgets_its_state_and_waits_for_
     other = lease(url, "b@host[2]")
     assert other.hold() == 2
     s.orphans["8"] = object()  # type: ignore[assignment]
-    with pytest.raises(LeaseLost):
-        s.renewed_at = -float("inf")
+    s.renewed_at, s.contact_at = -float("inf"), time.monotonic()
+    with pytest.raises(LeaseLost, match="another worker holds the lease"):
         s._keep_lease()
     assert not s.leading and not s.orphans  # lost: forgotten too
     other.release()
@@ -231,6 +231,11 @@ def test_a_supervisor_whose_beats_had_a_gap_waits_for_workers_to_beat_again(url:
     s.contact_at = time.monotonic() - (s.stale_after_s + 0.5)  # its process was paused, or Redis was
     s.tick()
     assert time.monotonic() - s.stable_since < 1.0
+    s.stable_since = -float("inf")
+    s.contact_at = time.monotonic() - (s.stale_after_s + 0.5)  # paused mid-beat, between two actions
+    with pytest.raises(LeaseLost):
+        s._keep_lease()
+    assert s.leading and time.monotonic() - s.stable_since < 1.0
 
 
 def test_renewing_by_time_keeps_the_lease_through_a_beat_of_slow_actions(url: str) -> None:
