@@ -8,6 +8,7 @@ one that renews by time keeps the lease through a beat of slow actions.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from luminagrid.app import app, use_broker
 from luminagrid.errors import MessageError
 from luminagrid.lease import Fence, Lease, LeaseLost, epoch_of
 from luminagrid.local import LocalRedis
-from luminagrid.settings import EPOCH_KEY, LEASE_KEY, QUEUE, Settings
+from luminagrid.settings import ALIVE_KEY, EPOCH_KEY, EVENTS_KEY, HOLDS_KEY, LEASE_KEY, NODES_KEY, QUEUE, Settings
 from luminagrid.supervisor import Supervisor
 
 #: A lease short enough to lapse within a test, long enough to outlast a few round trips.
@@ -257,3 +258,35 @@ def test_renewing_by_time_keeps_the_lease_through_a_beat_of_slow_actions(url: st
     with pytest.raises(LeaseLost):
         s.fence.call("return redis.call('SET', K[1], A[1])", ["luminagrid:test:done"], ["late"])
     assert client.get("luminagrid:test:done") == b"29"
+
+
+def test_a_leader_that_takes_its_lapsed_lease_back_restores_nothing_of_a_worker_yet_to_beat(url: str) -> None:
+    """The case of the issue: after a Redis outage the leader's lease and a live worker's liveness
+    record have both expired by Redis's clock; the leader takes its lease back before the worker's
+    next beat lands. It must neither declare the worker lost nor put back the message it runs."""
+    client = broker.client(url)
+    s = supervisor(url, "a@host[1]")
+    worker = "w@host[9]"
+    tag, _ = unacked_entry(client, "job5.strip0")
+
+    def beat() -> None:
+        client.set(ALIVE_KEY.format(node=worker), json.dumps({"seq": 1}), px=60_000)
+        client.set(HOLDS_KEY.format(node=worker), json.dumps([["job5.strip0", tag, "running"]]), ex=600)
+        client.sadd(NODES_KEY, worker)
+    beat()
+    s.tick()
+    s.stable_since = -float("inf")  # it has supervised for a while
+    s.tick()
+    assert s.alive_before == {worker}
+    client.delete(ALIVE_KEY.format(node=worker))  # expired during the outage
+    lapse(client)
+    s.contact_at = time.monotonic()  # leave the gap rule out: the take back alone must make it wait
+    s.tick()
+    assert s.lease.epoch == 2 and s.taken_back
+    assert client.hexists(queues.UNACKED, tag), "the live worker's message was put back"
+    assert not [e for e in client.lrange(EVENTS_KEY, 0, -1) if b"is lost" in e]
+    beat()  # the worker's next beat lands: from now on it is judged as it is, alive
+    wait_for(lambda: s.tick() or time.monotonic() - s.stable_since >= s.settings.liveness_ttl_s + s.beat_s,
+             10, "the wait for beats to end", poll_s=s.beat_s)
+    s.tick()
+    assert s.alive_before == {worker} and client.hexists(queues.UNACKED, tag)
