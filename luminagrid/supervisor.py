@@ -345,6 +345,9 @@ class Supervisor(threading.Thread):
             self.stable_since = now
             raise LeaseLost(f"heard nothing from Redis for {now - self.contact_at:.1f} s mid-beat; "
                             "judging liveness once workers beat again")
+        # The step before this one ended with a reply from Redis: measure the next from here, so
+        # that only one step (or a pause), not a whole beat of reads under load, can trip this.
+        self.contact_at = now
         if now - self.renewed_at < self.beat_s:
             return
         got = self._hold_lease()
