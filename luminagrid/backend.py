@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
+from contextvars import ContextVar
 from functools import cached_property
 from typing import Any
 
@@ -42,6 +44,10 @@ from luminagrid.settings import PROGRESS_KEY
 #: Retries of one Redis command on a connection error (about a minute at most 1 s apart).
 COMMAND_RETRIES = 60
 META_PREFIX = "celery-task-meta-"
+#: While set (in one thread: `lease.Fence.results`), that thread's result writes go through it
+#: instead, as `hook(key, value, expires, progress)`, `progress` (hash, strip index, state) or None.
+STORE_HOOK: ContextVar[Callable[[str, Any, int | None, tuple[str, str, str] | None], None] | None] = \
+    ContextVar("luminagrid_store_hook", default=None)
 
 
 def retrying() -> dict[str, Any]:
@@ -118,6 +124,12 @@ class PollingRedisBackend(RedisBackend):
         expires = self.expires if expires is None else expires
         name = key.decode() if isinstance(key, bytes) else str(key)
         strip = strip_of(name[len(META_PREFIX):]) if name.startswith(META_PREFIX) else None
+        hook = STORE_HOOK.get()
+        if hook is not None:
+            done = (PROGRESS_KEY.format(job=strip[0]), str(strip[1]), str(state)) \
+                if strip is not None and state in states.READY_STATES else None
+            hook(name, value, expires, done)
+            return
         if strip is None:
             self.client.set(key, value, ex=expires or None)
             return

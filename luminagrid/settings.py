@@ -60,6 +60,8 @@ ALIVE_KEY = KEY_PREFIX + "alive:{node}"
 HOLDS_KEY = KEY_PREFIX + "holds:{node}"
 #: The supervisor's lease: which worker supervises now (`supervisor.py`).
 LEASE_KEY = KEY_PREFIX + "supervisor"
+#: Counts the takes of the lease: each take's epoch, part of its token `<node>#<epoch>` (`lease.py`).
+EPOCH_KEY = KEY_PREFIX + "supervisor:epoch"
 #: The run id(s) of the Redis the supervisor last watched: a new leader tells a restart from a takeover.
 RUN_KEY = KEY_PREFIX + "supervisor:run"
 #: A request for the supervisor to look for lost messages (set by clients that saw Redis restart).

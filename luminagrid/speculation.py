@@ -44,7 +44,7 @@ from typing import Any
 import redis
 from celery.utils.nodenames import worker_direct
 
-from luminagrid import claims, costs
+from luminagrid import costs
 from luminagrid import record as records
 from luminagrid.backend import strip_of
 from luminagrid.liveness import Hold, Node
@@ -297,8 +297,11 @@ def copies(job_id: str, db: redis.Redis | None = None) -> list[dict[str, Any]]:
 class Speculator:
     """Carries out `judge`'s plans for the supervisor, remembering copies on their way."""
 
-    def __init__(self, db: redis.Redis, settings: Settings, event: Callable[[str | None, str], None]) -> None:
-        self.db, self.settings, self.event = db, settings, event
+    def __init__(self, db: redis.Redis, settings: Settings, event: Callable[[str | None, str], None],
+                 hset: Callable[[list[tuple[str, str, str]], int], None]) -> None:
+        """`hset(fields, ttl_s)` writes (key, field, value) triples, each key expiring after `ttl_s`
+        (fenced by the supervisor's lease)."""
+        self.db, self.settings, self.event, self.hset = db, settings, event, hset
         #: (job, index) -> (node id, when) of copies sent but not yet seen running there
         self.pending: dict[tuple[str, int], tuple[str, float]] = {}
         #: stop orders given: (node, task id, pid) (given once; a node takes each at its next beat)
@@ -361,40 +364,30 @@ class Speculator:
     def _act(self, plan: Plan, jobs: dict[str, Record], hung_on: dict[tuple[str, int], set[str]],
              copied: dict[tuple[str, int], list[dict[str, Any]]], now: float,
              publish: Callable[[Any, Any], None], fail: Callable[[Record, str], None]) -> None:
-        from luminagrid.tasks import strip_signature  # noqa: PLC0415 - the tasks need the app; the judge does not
+        from luminagrid.tasks import republish_strip  # noqa: PLC0415 - the tasks need the app; the judge does not
 
         ttl = self.settings.result_ttl_s
-        with self.db.pipeline(transaction=False) as pipe:
-            for (job, index), nodes in plan.hangs.items():
-                seen = sorted(hung_on.get((job, index), set()) | set(nodes))
-                if seen != sorted(hung_on.get((job, index), set())):
-                    pipe.hset(HANGS_KEY.format(job=job), str(index), json.dumps(seen))
-                    pipe.expire(HANGS_KEY.format(job=job), ttl)
-            pipe.execute()
+        hangs = []
+        for (job, index), nodes in plan.hangs.items():
+            seen = sorted(hung_on.get((job, index), set()) | set(nodes))
+            if seen != sorted(hung_on.get((job, index), set())):
+                hangs.append((HANGS_KEY.format(job=job), str(index), json.dumps(seen)))
+        self.hset(hangs, ttl)
         for f in plan.fails:
             fail(jobs[f.job], f.text)
         for launch in plan.launches:
-            r = jobs[launch.job]
-            s = r.plan()[launch.index]
-            sig = strip_signature(r, s, {"claim": claims.key_for(r.id, "in", launch.index)}, in_chord=True)
-            publish(sig, worker_direct(launch.target.hostname))
+            queue = worker_direct(launch.target.hostname)
+            republish_strip(jobs[launch.job], launch.index, publish=lambda sig, queue=queue: publish(sig, queue))
             entry = {"node": launch.target.id, "origin": launch.origin, "reason": launch.reason, "t": time.time()}
             listed = [*copied.get((launch.job, launch.index), []), entry]
-            with self.db.pipeline(transaction=False) as pipe:
-                pipe.hset(COPIES_KEY.format(job=launch.job), str(launch.index), json.dumps(listed))
-                pipe.expire(COPIES_KEY.format(job=launch.job), ttl)
-                pipe.execute()
+            self.hset([(COPIES_KEY.format(job=launch.job), str(launch.index), json.dumps(listed))], ttl)
             self.pending[(launch.job, launch.index)] = (launch.target.id, now)
             self.event(launch.job, launch.why)
         new_stops = [stop for stop in plan.stops if (stop.node, stop.task_id, stop.pid) not in self.ordered]
         self.ordered = {(stop.node, stop.task_id, stop.pid) for stop in plan.stops}
         if new_stops:
-            with self.db.pipeline(transaction=False) as pipe:
-                for stop in new_stops:
-                    key = STOP_KEY.format(node=stop.node)
-                    pipe.hset(key, stop.task_id, json.dumps({"pid": stop.pid, "reason": stop.reason}))
-                    pipe.expire(key, STOP_ORDER_TTL_S)
-                pipe.execute()
+            self.hset([(STOP_KEY.format(node=stop.node), stop.task_id, json.dumps({"pid": stop.pid, "reason": stop.reason}))
+                       for stop in new_stops], STOP_ORDER_TTL_S)
             for stop in new_stops:
                 log.warning("supervisor: ordered %s to stop pool process %d (%s)", stop.node, stop.pid, stop.reason)
 

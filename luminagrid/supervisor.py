@@ -1,13 +1,21 @@
 """The supervisor: recovery that runs inside the cluster and costs the same however long the queue.
 
-Every worker's main process runs a `Supervisor` thread. The one holding the lease (a Redis key
-that expires `liveness_ttl_s` after its holder stops renewing it) acts; the others only try to
-take the lease. The leader renews it between steps and stops acting the moment it is lost. Every
-beat (a quarter of `LUMINAGRID_LIVENESS_TTL_S`, 0.5 s by default) the leader:
+Every worker's main process runs a `Supervisor` thread. The one holding the lease (`lease.py`: a
+Redis key that expires `liveness_ttl_s` after its holder stops renewing it, its value naming the
+holder and the epoch it took it in) acts; the others only try to take the lease. The leader
+renews it by time, before any action a beat after the last renewal, and stops acting the moment
+it is lost. Every action (restore, drop, publish, fail, delete) is fenced: it takes effect only if,
+in the same atomic step, the lease is still held under the epoch the leader acted in, so a leader
+paused mid-beat that wakes up after another took over changes nothing. A leader that loses the
+lease, or takes it again, forgets everything it knew. Every beat (a quarter of
+`LUMINAGRID_LIVENESS_TTL_S`, 0.5 s by default) the leader:
 
-1. **Watches Redis's run id.** A restart can lose a message a worker was taking off the queue, a
-   crash the last writes. After one, it waits until the workers have beaten again, then looks
-   for lost messages (6).
+1. **Watches Redis's run id, and its own beat.** A restart can lose a message a worker was taking
+   off the queue, a crash the last writes. After one, it waits until the workers have beaten
+   again, then looks for lost messages (6). It waits the same way after its own beats were
+   delayed (its process paused, or Redis stopped answering: every liveness record may have
+   expired meanwhile, by Redis's clock, while the workers could not beat) and after taking the
+   lease back.
 2. **Judges liveness** (`liveness.py`): a node whose liveness record expired is lost. Its
    messages go back to the queue at once (3), and lost messages are looked for (6), since a node
    cut off by the network can take a message it never receives.
@@ -57,6 +65,7 @@ from celery.exceptions import ChordError
 from celery.utils.nodenames import worker_direct
 
 from luminagrid import claims, liveness, queues, speculation
+from luminagrid.lease import Fence, Lease, LeaseLost
 from luminagrid import record as records
 from luminagrid.app import app
 from luminagrid.backend import strip_of
@@ -69,7 +78,6 @@ from luminagrid.settings import (
     CANCELLED_JOBS_KEY,
     EVENTS_KEY,
     JOB_EVENTS_KEY,
-    LEASE_KEY,
     PROGRESS_KEY,
     PUBLISHER_KEY,
     QUEUE,
@@ -87,8 +95,6 @@ log = logging.getLogger(__name__)
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError, kombu.exceptions.OperationalError)
 #: Most messages restored or published again per beat (a burst after a big node is lost).
 MAX_ACTIONS_PER_BEAT = 2000
-#: Renew the lease after this many actions within one beat.
-RENEW_EVERY_ACTIONS = 100
 #: Events kept in `EVENTS_KEY`.
 MAX_EVENTS = 1000
 #: A count shortfall must last this long before it triggers a look, and looks it triggers are
@@ -104,15 +110,23 @@ MAX_RECOVERIES_PER_TASK = 10
 #: unless its submitter, still waiting, writes it again meanwhile.
 PAYLOAD_WAIT_S = 10.0
 
-# 2: taken, 1: renewed, 0: someone else holds it.
-_LEASE_LUA = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 2 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-return 0
+# A fenced write of `_publisher_gone`: cancel the job, free its payloads, stop watching it.
+# K: cancel mark, active jobs, payload keys...; A: job id, cancel mark's lifetime (s).
+_ABANDON_LUA = """
+redis.call('SET', K[1], '1', 'EX', A[2])
+for i = 3, #K do redis.call('DEL', K[i]) end
+redis.call('ZREM', K[2], A[1])
+return 1
 """
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+# K: the job's progress hash, the strip's result. A: the strip's index.
+_FORGET_STRIP_LUA = """
+redis.call('HDEL', K[1], A[1])
+return redis.call('DEL', K[2])
+"""
+# K: the job's cancel mark, the active jobs. A: the mark's lifetime, the job id.
+_END_JOB_LUA = """
+redis.call('SET', K[1], '1', 'EX', A[1])
+return redis.call('ZREM', K[2], A[2])
 """
 _JSON_STATUS = re.compile(rb'\s*\{\s*"status"\s*:\s*"([A-Z_]+)"')
 
@@ -136,10 +150,6 @@ def state_of(head: bytes | None) -> str | None:
         pass
     match = _JSON_STATUS.match(head)
     return match.group(1).decode() if match else states.PENDING
-
-
-class LeaseLost(Exception):
-    """Another worker supervises now: stop acting on this beat's view."""
 
 
 @dataclass
@@ -186,20 +196,22 @@ class Supervisor(threading.Thread):
         self.db = redis_client(settings.result_backend, retry=False, **sentinel)  # luminagrid's keys, results
         self.mq = redis_client(settings.broker_url, retry=False, **sentinel)  # queues, unacked
         self._same_redis = settings.result_backend == settings.broker_url
-        self._lease = self.db.register_script(_LEASE_LUA)
-        self._release = self.db.register_script(_RELEASE_LUA)
+        self.lease = Lease(self.db, self.mq, node, settings.liveness_ttl_s, mirrored=not self._same_redis)
+        self.fence = Fence(self.lease)
         # Not `_stop`: that is a method of `threading.Thread`, which `join()` calls once the thread
         # has ended (an Event there made every worker shutdown log a TypeError traceback).
         self._stopping = threading.Event()
         self._last_error = ""
-        self.speculator = speculation.Speculator(self.db, settings, self._event)
-        self.leading = False
+        self.speculator = speculation.Speculator(self.db, settings, self._event, self._fenced_hset)
         self.renewed_at = -math.inf
+        #: when this thread last heard from Redis (a gap longer than `stale_after_s` makes it wait)
+        self.contact_at = -math.inf
         self._forget_state()
 
     def _forget_state(self) -> None:
         self.run_ids: tuple[str, ...] | None = None
         self.stable_since = time.monotonic()
+        self.taken_back = False
         self.alive_before: set[str] = set()
         self.orphans: dict[str, _Orphan] = {}
         self.foreign: set[str] = set()
@@ -218,8 +230,19 @@ class Supervisor(threading.Thread):
         self.last_count_walk = -math.inf
 
     @property
+    def leading(self) -> bool:
+        return self.lease.held
+
+    @property
     def beat_s(self) -> float:
         return self.settings.beat_s
+
+    @property
+    def stale_after_s(self) -> float:
+        """A gap between the supervisor's exchanges with Redis longer than this (its process was
+        paused, or Redis stopped answering) may have let every liveness record expire while the
+        workers could not beat: it waits for them to beat again before judging."""
+        return self.beat_s + self.settings.liveness_ttl_s / 2
 
     @property
     def grace_s(self) -> float:
@@ -234,9 +257,10 @@ class Supervisor(threading.Thread):
             try:
                 self.tick()
                 self._last_error = ""
-            except LeaseLost:
-                log.warning("supervisor: %s lost the lease during a beat; another worker supervises", self.node)
-                self.leading = False
+            except LeaseLost as exc:
+                log.warning("supervisor: %s stopped a beat: %s", self.node, exc)
+                if not self.lease.held:
+                    self._forget_state()
             except UNREACHABLE as exc:  # Redis away: look again next beat
                 self._report(f"Redis unreachable ({exc}); retrying", exc_info=False)
             except Exception as exc:  # noqa: BLE001 - supervision must outlive a bug in one beat
@@ -250,17 +274,19 @@ class Supervisor(threading.Thread):
     def stop(self, timeout_s: float = 2.0) -> None:
         self._stopping.set()
         self.join(timeout_s)
-        if self.leading:
-            try:
-                self._release(keys=[LEASE_KEY], args=[self.node])
-            except UNREACHABLE:
-                pass
+        try:
+            self.lease.release()
+        except UNREACHABLE:
+            pass
+        self.fence.close()
 
     # --- one beat ---------------------------------------------------------------------------------
 
     def tick(self) -> None:
         now = time.monotonic()
-        if not self._hold_lease():
+        got = self._hold_lease()
+        gap = self._contact()
+        if not got:
             return
         self._watch_restarts(now)
         with self.db.pipeline(transaction=True) as pipe:  # GET and DEL: GETDEL needs Redis 6.2
@@ -268,38 +294,79 @@ class Supervisor(threading.Thread):
         if requested:
             self._request_walk(requested.decode(errors="replace"), now)
         view = _View(nodes=liveness.read(self.db, prune=True), tags=queues.unacked_tags(self.mq), jobs=self._active_jobs())
+        gap = max(gap, self._contact())
+        now = time.monotonic()
+        if gap > self.stale_after_s:
+            # Its own beat was delayed: what it read may show workers as lost that could not beat
+            # meanwhile. Wait for them to beat again, as after a Redis restart.
+            self.stable_since = now
+            log.warning("supervisor: %s heard nothing from Redis for %.1f s; judging liveness once workers "
+                        "beat again", self.node, gap)
         stable = now - self.stable_since >= self.settings.liveness_ttl_s + self.beat_s
         if not stable:  # just after a restart every node looks lost: let them beat again first
             return
         self._judge(view, now)
         self._restore_orphans(view, now)
         self._check_jobs(view, now)
-        self.speculator.beat(view.nodes, view.jobs, now, self._publish_copy, self._fail)
+        self.speculator.beat(view.nodes, view.jobs, now, self._publish_copy, self._fail_hung)
         self._purge_cancelled(view, now)
         if self.walk_due is not None and now >= self.walk_due:
             self._walk(view, now)
         self._confirm_lost(view, now)
+        self._contact()
 
-    def _hold_lease(self) -> bool:
-        got = int(self._lease(keys=[LEASE_KEY], args=[self.node, int(self.settings.liveness_ttl_s * 1000)]))
+    def _contact(self) -> float:
+        """Note that Redis just answered; the time since it last did, in seconds (0 the first time:
+        a node that just started has no view to be stale)."""
+        now = time.monotonic()
+        gap = now - self.contact_at if self.contact_at > -math.inf else 0.0
+        self.contact_at = now
+        return gap
+
+    def _hold_lease(self) -> int:
+        """Renew the lease (1) or take it (2: a new epoch; everything known before is forgotten),
+        or 0: another worker holds it."""
+        held = self.lease.held
+        got = self.lease.hold()
         if got == 0:
-            if self.leading:
+            if held:
                 log.warning("supervisor: %s no longer holds the lease", self.node)
-                self.leading = False
-            return False
+                self._forget_state()
+            return 0
         self.renewed_at = time.monotonic()
-        if not self.leading:
+        if got == 2:
+            # Taken (again): whatever it knew, and whatever happened while nobody (or a lost or
+            # paused node) supervised, is unknown. Forget it, and look for lost messages once.
             self._forget_state()
-            self.leading = True
-            log.warning("supervisor: %s supervises now", self.node)
-            # Whatever happened while nobody (or a lost node) supervised: look once.
+            # Taken back: its own lease lapsed, so its beats were held up (or Redis's were): wait
+            # for the workers to beat again before judging them, even if Redis did not restart.
+            self.taken_back = self.lease.retaken
+            log.warning("supervisor: %s %s (lease %s)", self.node,
+                        "took the lease back" if self.taken_back else "supervises now", self.lease.token)
             self._request_walk(f"{self.node} took over supervision", time.monotonic())
-        return True
+        return got
 
     def _keep_lease(self) -> None:
-        """Between steps of a long beat: renew the lease, or stop acting if another worker has it."""
-        if time.monotonic() - self.renewed_at >= self.beat_s and not self._hold_lease():
-            raise LeaseLost()
+        """Before an action: renew the lease if a beat passed since it was last renewed; stop
+        acting if another worker has it, or if it had lapsed and was taken again (the view this
+        beat read is stale then), or if it heard nothing from Redis for longer than
+        `stale_after_s` (paused mid-beat: wait for the workers to beat again)."""
+        now = time.monotonic()
+        if now - self.contact_at > self.stale_after_s:
+            self.stable_since = now
+            raise LeaseLost(f"heard nothing from Redis for {now - self.contact_at:.1f} s mid-beat; "
+                            "judging liveness once workers beat again")
+        # The step before this one ended with a reply from Redis: measure the next from here, so
+        # that only one step (or a pause), not a whole beat of reads under load, can trip this.
+        self.contact_at = now
+        if now - self.renewed_at < self.beat_s:
+            return
+        got = self._hold_lease()
+        self._contact()
+        if got == 0:
+            raise LeaseLost("another worker holds the lease")
+        if got == 2:
+            raise LeaseLost(f"the lease had lapsed; took it again as {self.lease.token}; a fresh view next beat")
 
     def _watch_restarts(self, now: float) -> None:
         ids: tuple[str, ...] = (str(self.db.info("server")["run_id"]),)
@@ -308,7 +375,7 @@ class Supervisor(threading.Thread):
         if self.run_ids is None:  # just took over: did Redis restart since the last leader looked?
             seen = self.db.get(RUN_KEY)
             self.run_ids = tuple(seen.decode().split(",")) if seen else ()
-            if self.run_ids == ids:
+            if self.run_ids == ids and not self.taken_back:
                 self.stable_since = -math.inf  # no: what Redis holds now is as fresh as it gets
         if ids != self.run_ids:
             self.stable_since = now
@@ -346,9 +413,15 @@ class Supervisor(threading.Thread):
         with self.db.pipeline(transaction=False) as pipe:
             count, _ = pipe.hincrby(key, task_id, 1).expire(key, self.settings.result_ttl_s).execute()
         if count > MAX_RECOVERIES_PER_TASK:
-            app.backend.mark_as_failure(job, MessageError(
+            self._fail(job, MessageError(
                 f"task {task_id} of job {job} was lost {count} times (the last: {text}); something keeps "
                 "losing it: check Redis's persistence, the network and the workers' logs"))
+
+    def _fail(self, job_id: str, error: Exception) -> None:
+        """Mark a job failed with `error` (its stitch's result), fenced."""
+        self._keep_lease()
+        with self.fence.results():
+            app.backend.mark_as_failure(job_id, error)
 
     # --- 2. liveness --------------------------------------------------------------------------
 
@@ -361,7 +434,8 @@ class Supervisor(threading.Thread):
                                   f"it held {len(n.holds)} message(s)")
                 self._request_walk(f"worker {n.id} lost", now)
                 if n.hostname not in live_hosts:  # copies sent to its own queue: nobody will take them
-                    self.mq.delete(*queues.lists_of(worker_direct(n.hostname).name))
+                    self._keep_lease()
+                    self.fence.delete(*queues.lists_of(worker_direct(n.hostname).name), broker=True)
         self.alive_before = alive
 
     # --- 3. orphans ---------------------------------------------------------------------------
@@ -390,32 +464,33 @@ class Supervisor(threading.Thread):
         found = queues.unacked_tasks(self.mq, [t for t, _ in due])
         struck: dict[str, list[str]] = defaultdict(list)
         try:
-            with app.connection_for_write() as connection:
-                for n, (tag, holder) in enumerate(due):
-                    if n % RENEW_EVERY_ACTIONS == RENEW_EVERY_ACTIONS - 1:
-                        self._keep_lease()
-                    self.orphans.pop(tag, None)
+            for tag, holder in due:
+                self.orphans.pop(tag, None)
+                if tag not in found:
                     if holder:
                         struck[holder].append(tag)
-                    if tag not in found:
-                        continue  # acknowledged meanwhile
-                    task_id, queue = found[tag]
-                    if queue not in QUEUES and strip_of(task_id) is not None and holder:
-                        # A copy sent to a lost node's own queue: back there, nobody would take it.
-                        queues.drop(self.mq, tag)
-                        self._request_walk(f"a copy of {task_id} was lost with {holder}", now)
-                        continue
-                    if queue not in QUEUES and strip_of(task_id) is None:
-                        self.foreign.add(tag)  # another application's message: not ours to judge
-                        continue
-                    whose = f"its worker {holder} is lost" if holder else "no live worker holds it"
-                    if self._finished(task_id):
-                        queues.drop(self.mq, tag)
-                        log.warning("supervisor: dropped the unacknowledged message of finished task %s (%s)",
-                                    task_id, whose)
-                    else:
-                        queues.restore(connection, tag)
-                        self._recovered(task_id, f"restored task {task_id} to its queue ({whose})")
+                    continue  # acknowledged meanwhile
+                task_id, queue = found[tag]
+                if queue not in QUEUES and strip_of(task_id) is not None and holder:
+                    # A copy sent to a lost node's own queue: back there, nobody would take it.
+                    self._keep_lease()
+                    self.fence.drop(tag)
+                    struck[holder].append(tag)
+                    self._request_walk(f"a copy of {task_id} was lost with {holder}", now)
+                    continue
+                if queue not in QUEUES and strip_of(task_id) is None:
+                    self.foreign.add(tag)  # another application's message: not ours to judge
+                    continue
+                whose = f"its worker {holder} is lost" if holder else "no live worker holds it"
+                self._keep_lease()
+                if self._finished(task_id):
+                    self.fence.drop(tag)
+                    log.warning("supervisor: dropped the unacknowledged message of finished task %s (%s)",
+                                task_id, whose)
+                elif self.fence.restore(tag):
+                    self._recovered(task_id, f"restored task {task_id} to its queue ({whose})")
+                if holder:  # struck only once put back (a refused restore leaves it the lost node's)
+                    struck[holder].append(tag)
         finally:
             # A restored message keeps its delivery tag: once another node takes it, the lost node's
             # old holdings must not make it look lost again.
@@ -468,23 +543,23 @@ class Supervisor(threading.Thread):
                 pipe.exists(claims.key_for(r.id, "in", i))
             present = pipe.execute()
         if all(present):
+            self._keep_lease()
+            self.fence.set_chord_size(r.group_id, r.spec.strips)  # it may have died just before
             self.records[r.id] = r.with_state(RUNNING)
-            app.backend.set_chord_size(r.group_id, r.spec.strips)  # it may have died just before
             self._event(r.id, f"job {r.id}: its submitter stopped while publishing; finishing the job")
             self._request_walk(f"job {r.id} left half published", now)
             return
         read = present.index(0)
         row = r.plan()[read].row0
-        with self.db.pipeline(transaction=True) as pipe:
-            pipe.set(CANCEL_KEY.format(job=r.id), "1", ex=self.settings.result_ttl_s)  # its strips are skipped
-            pipe.delete(*(claims.key_for(r.id, "in", i) for i in range(r.spec.strips)))
-            pipe.zrem(ACTIVE_JOBS_KEY, r.id)
-            pipe.execute()
-        app.backend.mark_as_failure(r.id, MessageError(
+        self._keep_lease()
+        payloads = [claims.key_for(r.id, "in", i) for i in range(r.spec.strips)]
+        self.fence.call(_ABANDON_LUA,  # its strips are skipped, their payloads freed
+                        [CANCEL_KEY.format(job=r.id), ACTIVE_JOBS_KEY, *payloads], [r.id, self.settings.result_ttl_s])
+        self._fail(r.id, MessageError(
             f"its submitter stopped after sending {read} of {r.spec.strips} strips (rows 0-{row} of "
             f"{r.spec.height}); the rest of the image never reached Redis: submit the image again"))
         verdict = app.backend.get_key_for_task(r.id)  # kept, with the record, for `status` to say why
-        self.db.delete(*(k for k in records.data_keys(r) if k != verdict))
+        self.fence.delete(*(k for k in records.data_keys(r) if k != verdict))
         self.records.pop(r.id, None)
         self._event(r.id, f"job {r.id}: its submitter stopped after sending {read}/{r.spec.strips} strips; "
                           "failed the job")
@@ -527,18 +602,20 @@ class Supervisor(threading.Thread):
             strip_metas = records.metas([r.strip_task_id(i) for i in range(r.spec.strips)], self.db)
             missing = [i for i, m in enumerate(strip_metas) if m is None]
             if missing:  # counted as finished, but their results are gone: they run again
-                for i in missing:
-                    records.forget_strip(r.id, i, self.db)
+                self._keep_lease()
+                for i in missing:  # `records.forget_strip`, fenced
+                    result = app.backend.get_key_for_task(r.strip_task_id(i))
+                    self.fence.call(_FORGET_STRIP_LUA, [PROGRESS_KEY.format(job=r.id), result], [i])
                 self._request_walk(f"job {r.id}: results of strips {missing} are gone", now)
                 continue
             failed = [i for i, m in enumerate(strip_metas) if m is not None and m["status"] != states.SUCCESS]
             if failed:  # the chord's own error handling did not mark the job
                 i = failed[0]
-                app.backend.mark_as_failure(r.id, ChordError(f"Dependency {r.strip_task_id(i)} failed"))
+                self._fail(r.id, ChordError(f"Dependency {r.strip_task_id(i)} failed"))
                 self._event(r.id, f"job {r.id}: strip {i + 1}/{r.spec.strips} failed but the job was not marked "
                                   "failed; marked it")
                 continue
-            republish_stitch(r, [m["result"] for m in strip_metas])
+            republish_stitch(r, [m["result"] for m in strip_metas], publish=self.fence.publish)
             self._recovered(r.id, f"job {r.id}: every strip is done but its stitch was nowhere; published the stitch again")
 
     def _unacked_ids(self, view: _View) -> set[str]:
@@ -613,9 +690,8 @@ class Supervisor(threading.Thread):
                     continue  # next beat
                 elif has_payload:
                     actions += 1
-                    if actions % RENEW_EVERY_ACTIONS == 0:
-                        self._keep_lease()
-                    republish_strip(r, i)
+                    self._keep_lease()
+                    republish_strip(r, i, publish=self.fence.publish)
                     self.suspects.pop(task_id, None)
                     self._recovered(task_id, f"job {job_id}: strip {i + 1}/{r.spec.strips} was lost (found nowhere); "
                                              "published it again")
@@ -628,30 +704,31 @@ class Supervisor(threading.Thread):
         suspect.payload_missing_since = suspect.payload_missing_since or now
         if now - suspect.payload_missing_since < PAYLOAD_WAIT_S:
             return
-        self.suspects.pop(r.strip_task_id(index), None)
-        app.backend.mark_as_failure(r.id, MessageError(
+        self._fail(r.id, MessageError(
             f"strip {index + 1}/{r.spec.strips} was lost and its pixels are gone from Redis (did Redis crash right "
             "after the job was submitted?); submit the image again"))
+        self.suspects.pop(r.strip_task_id(index), None)
         self._event(r.id, f"job {r.id}: strip {index + 1} was lost with its payload; failed the job")
 
     # --- 8. strips that hang or crawl ----------------------------------------------------------
 
     def _publish_copy(self, signature: Any, queue: Any) -> None:
-        """Send a speculative copy of a strip to one node's own queue."""
+        """Send a speculative copy of a strip to one node's own queue (fenced)."""
         self._keep_lease()
-        signature.apply_async(queue=queue)
+        self.fence.publish(signature, queue=queue)
 
-    def _fail(self, r: Record, text: str) -> None:
+    def _fail_hung(self, r: Record, text: str) -> None:
         """Fail job `r` with `text` (its strips are skipped from now on; its record and verdict stay,
         for `status` to say why)."""
         self._keep_lease()
-        with self.db.pipeline(transaction=True) as pipe:
-            pipe.set(CANCEL_KEY.format(job=r.id), "1", ex=self.settings.result_ttl_s)
-            pipe.zrem(ACTIVE_JOBS_KEY, r.id)
-            pipe.execute()
-        app.backend.mark_as_failure(r.id, MessageError(text))
+        self.fence.call(_END_JOB_LUA, [CANCEL_KEY.format(job=r.id), ACTIVE_JOBS_KEY], [self.settings.result_ttl_s, r.id])
+        self._fail(r.id, MessageError(text))
         self.records.pop(r.id, None)
         self._event(r.id, f"job {r.id} failed: {text}")
+
+    def _fenced_hset(self, fields: list[tuple[str, str, str]], ttl_s: int) -> None:
+        self._keep_lease()
+        self.fence.hset(fields, ttl_s)
 
     # --- 7. cancelled jobs --------------------------------------------------------------------
 
@@ -668,9 +745,12 @@ class Supervisor(threading.Thread):
             raw = self.db.get(records.key(job_id))
             if raw is not None:
                 try:
-                    self.db.delete(*records.data_keys(Record.from_json(raw, self.settings.max_pixels)))
+                    keys = records.data_keys(Record.from_json(raw, self.settings.max_pixels))
                 except MessageError:
-                    pass
+                    keys = []
+                if keys:
+                    self._keep_lease()
+                    self.fence.delete(*keys)
             self.db.zrem(CANCELLED_JOBS_KEY, job_id)
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -281,15 +282,21 @@ def strip_signature(rec: Record, s: strips.Strip, payload: bytes | dict[str, str
     return sig
 
 
-def republish_strip(rec: Record, index: int) -> None:
+def _apply(sig: Signature) -> None:
+    sig.apply_async()
+
+
+def republish_strip(rec: Record, index: int, publish: Callable[[Signature], Any] = _apply) -> None:
     """Publish strip `index` again under its own task id, its payload read from its claim key.
 
     Its result joins the same chord; a copy that was not lost after all is harmless (the join
-    counts each strip once)."""
+    counts each strip once). `publish` sends the signature (the supervisor's is fenced:
+    `lease.Fence.publish`)."""
     s = rec.plan()[index]
-    strip_signature(rec, s, {"claim": claims.key_for(rec.id, "in", index)}, in_chord=True).apply_async()
+    publish(strip_signature(rec, s, {"claim": claims.key_for(rec.id, "in", index)}, in_chord=True))
 
 
-def republish_stitch(rec: Record, parts: list[dict[str, Any]]) -> None:
-    """Publish the stitch again, outside the chord, with the strips' stored results."""
-    stitch.signature((parts, rec.spec.to_message()), task_id=rec.id, argsrepr=rec.stitch_label).apply_async()
+def republish_stitch(rec: Record, parts: list[dict[str, Any]],
+                     publish: Callable[[Signature], Any] = _apply) -> None:
+    """Publish the stitch again, outside the chord, with the strips' stored results (`publish`: as above)."""
+    publish(stitch.signature((parts, rec.spec.to_message()), task_id=rec.id, argsrepr=rec.stitch_label))
