@@ -37,7 +37,7 @@ from luminagrid.broker import client
 from luminagrid.local import LocalCluster
 from luminagrid.settings import EVENTS_KEY
 
-STRIP_DELAY_S = 0.8
+STRIP_DELAY_S = 1.5
 STALL_S = 2.0
 #: op, params, channels, the whole-image reference (on the lossless input)
 CASES: dict[str, tuple[dict[str, Any], int, Any]] = {
@@ -221,21 +221,21 @@ def test_a_legitimately_slow_strip_on_a_healthy_cluster_is_never_copied(
     other worker sits idle. Twice: before and with the class's history."""
     c, runs, env = gray
     db = client(c.url)
-    before = db.llen(EVENTS_KEY)
-    image = synthetic(9, 208, 640)
+    image = synthetic(9, 720, 1280)
     path = tmp_path / "big.png"
     cv2.imwrite(str(path), image)
-    took = []
+    took, ids = [], []
     for _ in range(2):
         proc = cli(["submit", str(path), "--op", "denoise", "-p", "template_window=15", "-p", "search_window=35",
                     "--strips", "1", "--codec", "lossless", "--json", "-o", str(tmp_path / "big.out.png")], env)
         assert proc.returncode == 0, proc.stderr
         done = json.loads(proc.stdout.splitlines()[-1])
         took.append(done["seconds"])
-    events = [json.loads(e)["text"] for e in db.lrange(EVENTS_KEY, 0, db.llen(EVENTS_KEY) - before - 1)]
+        ids.append(done["job_id"])
+    events = [e["text"] for e in map(json.loads, db.lrange(EVENTS_KEY, 0, -1)) if e.get("job") in ids]
     print(f"\none denoise strip at the largest windows, twice: {took} s; events {events}")
     assert min(took) > STALL_S + 1.0  # it is slow: longer than a stall
-    assert not [e for e in events if "copy" in e or "hung" in e], events
+    assert not events, events
     assert np.array_equal(cv2.imread(str(tmp_path / "big.out.png"), cv2.IMREAD_UNCHANGED),
                           cv2.fastNlMeansDenoising(image, None, 10.0, 15, 35))
 
