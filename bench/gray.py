@@ -84,6 +84,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -820,8 +821,10 @@ def table(report: dict[str, Any]) -> list[str]:
         n, cap = len(s["runs"]), s["cap_s"]
         after = s["median_after_fault_s"]
         not_done = sum(1 for v in s["after_fault_s"] if v is None)
+        during = sum(1 for r in s["runs"] if r.get("done_during_pause"))
         after_text = (f"not done within {cap:g} s" if after is None else _s(after)) + (
-            f" ({not_done}/{n} not done)" if not_done and after is not None else "")
+            f" ({not_done}/{n} not done)" if not_done and after is not None else "") + (
+            f" ({during}/{n} done during the pause: 0)" if during else "")
         wall = s["median_wall_s"]
         wall_text = _s(wall) if wall is not None else "not done"
         rows.append((label, str(s["runs"][0]["strips"]), wall_text, vs(wall, healthy), after_text,
@@ -901,6 +904,13 @@ def main() -> None:
                     "load_avg_at_start": os.getloadavg()},
         "scenarios": {},
     }
+    with contextlib.suppress(Exception):  # the code measured: its commit, and whether it had changes
+        git = ["git", "-C", str(REPO)]
+        report["code"] = {
+            "commit": subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+            "changed": bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                           capture_output=True, text=True).stdout.strip()),
+        }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lg-gray-in-") as tmp:
         image_path, reference, call = make_input(args.width, args.height, Path(tmp))
