@@ -57,8 +57,14 @@ class _Track:
 
 
 def _cpu_s(pid: int) -> float | None:
+    """The process's CPU seconds; None if it is gone, or dead and not yet reaped (a killed pool
+    process is Celery's to retry, not a hang)."""
     try:
-        times = psutil.Process(pid).cpu_times()
+        process = psutil.Process(pid)
+        with process.oneshot():
+            if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return None
+            times = process.cpu_times()
     except (psutil.Error, OSError):
         return None
     return float(times.user + times.system)
