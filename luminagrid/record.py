@@ -33,6 +33,7 @@ from luminagrid.settings import (
     HANGS_KEY,
     JOB_EVENTS_KEY,
     JOB_KEY,
+    KILLS_KEY,
     PROGRESS_KEY,
     PUBLISHER_KEY,
     RECOVERIES_KEY,
@@ -207,6 +208,33 @@ def metas(task_ids: list[str], db: redis.Redis | None = None) -> list[dict[str, 
     return [None if raw is None else backend.decode_result(raw) for raw in raws]
 
 
+def kills(job_id: str, index: int, db: redis.Redis | None = None) -> dict[str, int]:
+    """Worker hostname -> pool processes that died while running strip `index` of the job."""
+    raw = (db or client()).hget(KILLS_KEY.format(job=job_id), str(index))
+    try:
+        found = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return {str(k): int(v) for k, v in found.items() if isinstance(v, int)} if isinstance(found, dict) else {}
+
+
+# One more process of `hostname` died running the strip (KEYS: the job's kills hash; ARGV: index,
+# hostname, lifetime in seconds).
+_KILLED_LUA = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local seen = raw and cjson.decode(raw) or {}
+seen[ARGV[2]] = (tonumber(seen[ARGV[2]]) or 0) + 1
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(seen))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return seen[ARGV[2]]
+"""
+
+
+def killed(job_id: str, index: int, hostname: str, ttl_s: int, db: redis.Redis | None = None) -> None:
+    """Remember that a pool process of worker `hostname` died while it ran strip `index`."""
+    (db or client()).eval(_KILLED_LUA, 1, KILLS_KEY.format(job=job_id), str(index), hostname, ttl_s)
+
+
 def event_text(raw: bytes) -> str:
     """One of the supervisor's events (`settings.EVENTS_KEY`) as a line: local time, then what happened."""
     try:
@@ -254,6 +282,7 @@ def data_keys(record: Record) -> list[str]:
     return [
         PROGRESS_KEY.format(job=record.id), JOB_EVENTS_KEY.format(job=record.id), RECOVERIES_KEY.format(job=record.id),
         PUBLISHER_KEY.format(job=record.id), COPIES_KEY.format(job=record.id), HANGS_KEY.format(job=record.id),
+        KILLS_KEY.format(job=record.id),
         *(backend.get_key_for_task(t) for t in record.task_ids), *chord,
         *claims.keys_of(record.id, record.spec.strips, record.spec.fields),
     ]

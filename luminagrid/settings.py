@@ -77,6 +77,8 @@ COST_KEY = KEY_PREFIX + "cost:{cls}"
 COPIES_KEY = KEY_PREFIX + "copies:{job}"
 #: Hash strip index -> JSON list of the nodes on which the strip stopped making progress.
 HANGS_KEY = KEY_PREFIX + "hangs:{job}"
+#: Hash strip index -> JSON {worker hostname: pool processes the strip was running in when they died}.
+KILLS_KEY = KEY_PREFIX + "kills:{job}"
 #: Hash task id -> JSON {"pid", "reason"}: pool processes a node is to stop (`warden.py`).
 STOP_KEY = KEY_PREFIX + "stop:{node}"
 

@@ -139,8 +139,10 @@ def failure_text(record: Record, stitch_meta: dict[str, Any] | None, progress: d
         where = f"strip {i + 1}/{record.spec.strips} (rows {plan[i].row0}-{plan[i].row1})"
         text = error_text(meta)
         if text.startswith("WorkerLostError"):
+            died = records.kills(record.id, i)
+            on = f", on every worker it ran on ({', '.join(sorted(died))})" if died else ""
             return (
-                f"{where} killed its worker process on every delivery ({text}); it is not "
+                f"{where} killed its worker process on every delivery{on} ({text}); it is not "
                 "delivered again (LUMINAGRID_MAX_DELIVERIES). Check the workers' logs and memory."
             )
         return f"{where} failed: {text}"

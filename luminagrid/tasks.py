@@ -21,11 +21,14 @@ from typing import Any
 import redis
 from celery import Task
 from celery.canvas import Signature
+from billiard.exceptions import WorkerLostError
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.utils.nodenames import worker_direct
 
-from luminagrid import claims, codec, costs, messages, queues, source, strips
+from luminagrid import claims, codec, costs, liveness, messages, queues, source, strips
 from luminagrid import record as records
 from luminagrid.app import app
+from luminagrid.backend import strip_of
 from luminagrid.codec import Codec
 from luminagrid.errors import ClaimGone, MessageError
 from luminagrid.record import Record
@@ -136,12 +139,48 @@ def _spec(task: Task, job: Any) -> messages.JobSpec:
     return messages.parse_job(job, SETTINGS.max_pixels, where=f"worker {_worker_name(task)}")
 
 
-@app.task(name="luminagrid.strip", bind=True, **_RETRY)
+class StripTask(Task):
+    """The strip task's class: remembers, per worker, the pool processes that died running a strip."""
+
+    def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        # (In the worker's main process, as Celery retries a strip whose pool process was lost.)
+        strip = strip_of(task_id)
+        if isinstance(exc, WorkerLostError) and strip is not None:
+            try:
+                records.killed(strip[0], strip[1], str(self.request.hostname or "?"), SETTINGS.result_ttl_s)
+            except redis.RedisError:
+                log.warning("could not record that a pool process died running %s", task_id)
+
+
+def _elsewhere_if_it_killed_here(task: Task, spec: messages.JobSpec, s: strips.Strip) -> None:
+    """A strip whose pool process died on this worker before goes to a worker where it never did,
+    if there is one alive that runs its operation: only a strip that kills its process on every
+    worker it visits fails its job (a sick worker does not make an innocent strip look like
+    poison). Same message, same retry count; this delivery ends without a result."""
+    here = str(task.request.hostname or "")
+    died = records.kills(spec.id, s.index)
+    if not died.get(here):
+        return
+    code = f"{spec.package} {spec.version}"
+    others = [n for n in liveness.read(app.backend.client) if n.alive and n.hostname not in died
+              and n.hostname != here and n.ops.get(spec.op, code) == code]
+    if not others:
+        return
+    target = min(others, key=lambda n: len(n.running))
+    task.signature_from_request(task.request, queue=worker_direct(target.hostname)).apply_async()
+    log.warning("%s killed its pool process on %s before; sent it to %s, where it never did",
+                _labels(spec).strip_label(s), here, target.id)
+    raise Ignore()
+
+
+@app.task(name="luminagrid.strip", bind=True, base=StripTask, **_RETRY)
 def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
     """Validate and decode one strip, run its operation's strip step, return the packed result."""
     spec = _spec(self, job)
     s = messages.parse_strip(strip, spec)
     _skip_if_cancelled(self, spec.id, s.index)
+    if self.request.retries:  # (only a strip delivered again can have killed a process here)
+        _elsewhere_if_it_killed_here(self, spec, s)
     try:
         data = messages.check_payload(payload, s, spec)
     except ClaimGone as exc:

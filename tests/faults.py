@@ -9,7 +9,8 @@ Strip faults apply to every operation's strip compute, built in or from an insta
 - A strip whose first own row begins with `POISON` SIGKILLs its pool process, on every delivery:
   an input that always kills its worker (a gray row's first bytes; a colour row's first B, G, R,
   B, ... values). One whose first own row begins with `HANG` blocks its process (no CPU) for good,
-  on every delivery: an input that hangs every worker it visits.
+  on every delivery: an input that hangs every worker it visits. On a worker with
+  `LUMINAGRID_TEST_KILL_EVERY_STRIP` set every strip SIGKILLs its pool process: a sick worker.
 - `LUMINAGRID_TEST_RUNS`: a file every strip run appends to ("start"/"end", task id, pid, retries,
   operation), so a test can prove that its fault hit a run in flight and that the strip ran again.
 - `LUMINAGRID_TEST_HOLD_DIR`: phase holds. A test arms one phase (`arm`); the first process to get
@@ -136,7 +137,7 @@ def _faulty(op: ops.Operation) -> Any:
     def faulty_compute(pixels: np.ndarray, strip: Strip, height: int, values: Any) -> Any:
         _record_run("start", op.name)
         busy(float(os.environ.get("LUMINAGRID_TEST_STRIP_DELAY_S", "0")))
-        if poisoned(pixels, strip):
+        if poisoned(pixels, strip) or os.environ.get("LUMINAGRID_TEST_KILL_EVERY_STRIP"):
             os.kill(os.getpid(), signal.SIGKILL)
         if poisoned(pixels, strip, HANG):
             time.sleep(10 * HOLD_TIMEOUT_S)  # blocked, using no CPU, until its process is killed

@@ -27,6 +27,7 @@ from outages import REDIS_ARGS, Outages
 
 import luminagrid
 from luminagrid import jobs
+from luminagrid import record as records
 from luminagrid.app import app, use_broker
 from luminagrid.errors import JobFailed
 from luminagrid.local import LocalCluster, LocalWorker, celery_env, spawn, wait_for_workers
@@ -186,6 +187,8 @@ def test_a_strip_that_always_kills_its_worker_fails_the_job_after_bounded_delive
     message = str(failure.value)
     assert "strip 2/2 (rows 32-64)" in message and f"job {job.id}" in message
     assert "killed its worker process on every delivery" in message and "SIGKILL" in message
+    # Not three times on one worker: a strip that killed its process somewhere goes where it never did.
+    assert all(n.name in message for n in faulty.nodes), message
     # Exactly LUMINAGRID_MAX_DELIVERIES deliveries, each killing its process, none finishing.
     runs = faults.runs(RUNS, job.strip_task_id(1))
     starts = [r for r in runs if r["what"] == "start"]
@@ -197,6 +200,30 @@ def test_a_strip_that_always_kills_its_worker_fails_the_job_after_bounded_delive
     healthy = synthetic(34, 100, 100)
     assert np.array_equal(luminagrid.submit(healthy, strips=3, codec="lossless", low=30, high=90).wait(30).edges,
                           exact(healthy))
+
+
+def test_a_sick_worker_that_kills_every_strip_fails_no_job(faulty: LocalCluster) -> None:
+    """A third worker whose every strip kills its pool process (out of memory, a broken library):
+    each strip it killed is retried on a worker where it never did, so no innocent strip reaches
+    LUMINAGRID_MAX_DELIVERIES, and the job is exact."""
+    assert faulty.folder is not None
+    sick = LocalWorker(f"sick@{os.uname().nodename}", faulty.url, 1, log_path=faulty.folder / "sick.log",
+                       extra_env={**faulty.worker_env, "LUMINAGRID_TEST_KILL_EVERY_STRIP": "1"},
+                       extra_args=faulty.worker_args).start()
+    try:
+        assert sick.proc is not None
+        wait_for_workers([sick.name], [sick.proc])
+        image = synthetic(37, 240, 200)
+        job = luminagrid.submit(image, strips=8, codec="lossless", low=30, high=90)
+        result = job.wait(90, forget=False)
+        died = {i: records.kills(job.id, i) for i in range(job.strip_count)}
+        job.forget()
+    finally:
+        sick.stop()
+    killed = {i: d for i, d in died.items() if d}
+    print(f"\na sick worker among 3: strips whose process it killed {sorted(killed)}; job exact")
+    assert killed and all(set(d) == {sick.name} for d in killed.values()), died  # it hit strips, only there
+    assert np.array_equal(result.edges, exact(image))
 
 
 def test_jobs_survive_repeated_redis_restarts_and_crashes(faulty: LocalCluster) -> None:
