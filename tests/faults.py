@@ -113,6 +113,17 @@ def _record_run(what: str, op: str | None = None) -> None:
         f.write(line + "\n")
 
 
+def unfinished(path: Path, job_id: str, pids: set[int] | None = None) -> dict[str, Any] | None:
+    """A run of one of job `job_id`'s strips that started and has not ended (in one of `pids`)."""
+    records = runs(path)
+    ended = {(r["task"], r["pid"]) for r in records if r["what"] == "end"}
+    for r in records:
+        if r["what"] == "start" and str(r["task"]).startswith(job_id) and (r["task"], r["pid"]) not in ended \
+                and (pids is None or r["pid"] in pids):
+            return r
+    return None
+
+
 def runs(path: Path, task_id: str | None = None) -> list[dict[str, Any]]:
     """The run records of `task_id` (or all), in order."""
     if not path.exists():

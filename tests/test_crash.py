@@ -94,13 +94,7 @@ def exact(image: np.ndarray, low: float = 30, high: float = 90) -> np.ndarray:
 
 def running(job: jobs.Job, pids: set[int] | None = None) -> dict | None:
     """A run of one of the job's strips that started and has not ended (in one of `pids`)."""
-    runs = faults.runs(RUNS)
-    ended = {(r["task"], r["pid"]) for r in runs if r["what"] == "end"}
-    for r in runs:
-        if r["what"] == "start" and str(r["task"]).startswith(job.id) and (r["task"], r["pid"]) not in ended \
-                and (pids is None or r["pid"] in pids):
-            return r
-    return None
+    return faults.unfinished(RUNS, job.id, pids)
 
 
 def landed(doomed: dict, killed_at: float) -> dict:

@@ -118,13 +118,7 @@ def pool_children(pid: int) -> set[int]:
 
 def running(runs_file: Path, job: jobs.Job, pids: set[int] | None = None) -> dict[str, Any] | None:
     """A run of one of the job's strips that started and has not ended (in one of `pids`)."""
-    runs = faults.runs(runs_file)
-    ended = {(r["task"], r["pid"]) for r in runs if r["what"] == "end"}
-    for r in runs:
-        if r["what"] == "start" and str(r["task"]).startswith(job.id) and (r["task"], r["pid"]) not in ended \
-                and (pids is None or r["pid"] in pids):
-            return r
-    return None
+    return faults.unfinished(runs_file, job.id, pids)
 
 
 def landed(runs_file: Path, doomed: dict[str, Any], killed_at: float) -> dict[str, Any]:
