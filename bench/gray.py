@@ -32,7 +32,7 @@ Scenarios (`--only`, comma-separated):
    after the first strip started; seconds from SIGCONT to the result and the most runs of any
    strip. Target: exact, no strip more than twice.
 6. overhead: batches of 10 ordinary jobs in flight at once (3 denoise gray and 3 bilateral colour
-   3840x2160, 2 canny and 2 gaussian 3264x2448 colour); copies launched (`luminagrid.speculation.
+   3840x2160, 2 canny and 2 gaussian 3264x2448 colour); copies launched (`luminagrid.record.
    copies(job_id, db)`, when that module exists) x their strip's CPU / all strips' CPU. A strip's
    CPU is its job's (`JobResult.stages.worker_seconds`, decode + compute + pack) / its strips.
    Target <= 5 %. Strip runs beyond one per strip (from the run records) are reported beside it.
@@ -77,7 +77,6 @@ if os.environ.get(RUNS_ENV) and __name__ != "__main__":
 import argparse  # noqa: E402
 import atexit  # noqa: E402
 import contextlib  # noqa: E402
-import importlib  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -266,26 +265,13 @@ class RunLog:
         return any(r["what"] == "end" and r["task"] == task_id and r["pid"] == pid for r in self.update())
 
 
-# --- speculation: copies launched (code being written for issue 21) --------------------------------
-
-def _field(rec: Any, name: str) -> Any:
-    return rec.get(name) if isinstance(rec, dict) else getattr(rec, name, None)
-
+# --- speculation: copies launched -----------------------------------------------------------------
 
 def copies_of(job_id: str) -> list[dict[str, Any]] | str:
-    """The speculative copies launched for `job_id` (strip, node, reason, outcome), or a string
-    saying why there are none to read: no `luminagrid.speculation` in this build, or an error."""
+    """The speculative copies launched for `job_id` (strip, node, reason, outcome), or why none
+    could be read."""
     try:
-        module = importlib.import_module("luminagrid.speculation")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("luminagrid.speculation",):
-            return "n/a (no speculation in this build)"
-        raise
-    fn = getattr(module, "copies", None)
-    if fn is None:
-        return "n/a (luminagrid.speculation has no copies())"
-    try:
-        return [{k: _field(r, k) for k in ("strip", "node", "reason", "outcome")} for r in fn(job_id, records.client())]
+        return [{k: c.get(k) for k in ("strip", "node", "reason", "outcome")} for c in records.copies(job_id)]
     except Exception as exc:  # noqa: BLE001 - a bench reports, it does not crash on another's bug
         return f"error: {exc!r}"
 

@@ -15,8 +15,9 @@
 - **The first final result of a strip wins.** A strip can run twice at once under one task id (a
   speculative copy beside a slow or hung original, `speculation.py`). Once one run stored its
   final state, another run's writes under that id (its STARTED, a RETRY, its own result) are
-  refused in the same atomic step, and a refused run does not join the chord: the stitch sees
-  exactly one result per strip, and the stored one never changes under it.
+  refused in the same atomic step, so the stored result never changes under the stitch. The
+  chord join counts each strip once (Celery's join script keys it by task id and index); a run
+  whose final write was refused does not join at all.
 
 `PollingSentinelBackend` is the same for a `sentinel://` URL (Celery's `SentinelBackend` finds the
 master through the sentinels, `result_backend_transport_options["master_name"]`, and again after

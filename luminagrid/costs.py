@@ -52,16 +52,15 @@ class Cost:
     samples: int
 
 
-def record(db: redis.Redis, cls: str, cpu_s: float, mp: float) -> None:
-    """Add one finished strip's CPU seconds for `mp` megapixels to its class's history."""
+def record(pipe: redis.client.Pipeline, cls: str, cpu_s: float, mp: float) -> None:
+    """Add one finished strip's CPU seconds for `mp` megapixels to its class's history (in `pipe`,
+    which the caller executes: it shares the strip's round trip)."""
     if mp <= 0:
         return
     key = COST_KEY.format(cls=cls)
-    with db.pipeline(transaction=False) as pipe:
-        pipe.lpush(key, f"{cpu_s / mp:.6g}")
-        pipe.ltrim(key, 0, HISTORY - 1)
-        pipe.expire(key, TTL_S)
-        pipe.execute()
+    pipe.lpush(key, f"{cpu_s / mp:.6g}")
+    pipe.ltrim(key, 0, HISTORY - 1)
+    pipe.expire(key, TTL_S)
 
 
 def read(db: redis.Redis, classes: list[str]) -> dict[str, Cost]:

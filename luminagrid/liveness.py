@@ -34,13 +34,15 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery.worker import state as worker_state
 
 from luminagrid.settings import ALIVE_KEY, HOLDS_KEY, NODES_KEY, STOP_KEY
-from luminagrid.warden import Warden
+
+if TYPE_CHECKING:
+    from luminagrid.warden import Warden
 
 log = logging.getLogger(__name__)
 #: How long a lost node's last holdings are kept (for `status` and `workers`), in seconds.
@@ -101,6 +103,10 @@ class Node:
     @property
     def running(self) -> list[Hold]:
         return [h for h in self.holds if h.state == "running"]
+
+    def runs(self, op: str, package: str, version: str) -> bool:
+        """Whether it runs operation `op` with this package's code (else a strip of it fails there)."""
+        return self.ops.get(op) == f"{package} {version}" if self.ops else True
 
     @property
     def free_slots(self) -> int:
@@ -166,6 +172,8 @@ class Beat(threading.Thread):
         self.slots, self.ops = slots, ops or {}
         self.id = node_id(hostname)
         self.seq = 0
+        from luminagrid.warden import Warden  # noqa: PLC0415 - psutil: only in workers, not in clients
+
         self.warden = Warden()
         # Not `_stop`: that is a method of `threading.Thread`, which `join()` calls once the thread
         # has ended (an Event there made every worker shutdown log a TypeError traceback).
@@ -182,9 +190,9 @@ class Beat(threading.Thread):
             started = time.monotonic()
             try:
                 requests = _requests()
-                orders = self.beat(current_holds(self.warden, requests))
-                if orders and requests is not None:
-                    self.warden.stop(orders, (r for r, state in requests if state == "running"))
+                orders = self.beat(current_holds(self.warden, requests), take_orders=requests is not None)
+                if orders:
+                    self.warden.stop(orders, lambda: [r for r, state in (_requests() or []) if state == "running"])
                 if self._warned:
                     log.warning("liveness: %s beats again", self.id)
                     self._warned = False
@@ -201,9 +209,10 @@ class Beat(threading.Thread):
             if self._stopping.is_set():
                 return
 
-    def beat(self, holds: Iterable[Hold] | None) -> dict[str, dict[str, Any]]:
+    def beat(self, holds: Iterable[Hold] | None, take_orders: bool = True) -> dict[str, dict[str, Any]]:
         """One beat; with `holds` None (unreadable this time) the last ones reported stand.
-        Returns the stop orders the supervisor left for this node (taken: each is given once)."""
+        Returns the stop orders the supervisor left for this node, if `take_orders` (taken: the
+        supervisor gives an order again while the run it names is still reported)."""
         self.seq += 1
         ttl_ms = int(self.ttl_s * 1000)
         alive = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "seq": self.seq,
@@ -216,11 +225,12 @@ class Beat(threading.Thread):
             else:
                 pipe.set(HOLDS_KEY.format(node=self.id), json.dumps([h.row() for h in holds]), ex=HOLDS_TTL_S)
             pipe.sadd(NODES_KEY, self.id)
-            pipe.hgetall(stop_key)
-            pipe.delete(stop_key)
+            if take_orders:
+                pipe.hgetall(stop_key)
+                pipe.delete(stop_key)
             replies = pipe.execute()
         orders = {}
-        for task_id, raw in (replies[-2] or {}).items():
+        for task_id, raw in (replies[-2] if take_orders else {}).items():
             try:
                 order = json.loads(raw)
             except ValueError:

@@ -1,4 +1,4 @@
-"""What is in the broker: kombu's Redis structures, read in bounded pieces, and messages restored.
+"""What is in the broker: kombu's Redis structures, read in bounded pieces (`lease.Fence` restores).
 
 kombu's Redis transport keeps a queue as a list (published with LPUSH, taken with BRPOP from
 the other end), and each message a worker took but has not acknowledged in the `unacked` hash
@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
-from kombu import Connection
 
 #: kombu's Redis priority steps and the separator of their lists' names (its defaults, set
 #: explicitly in celeryconfig.py). 0 is taken first.
@@ -142,17 +141,3 @@ def find_queued(client: redis.Redis, queue: str, wanted: set[str],
             if between_pages is not None:
                 between_pages()
     return found
-
-
-def drop(client: redis.Redis, tag: str) -> None:
-    """Forget an unacknowledged message whose task already finished (its ack was lost)."""
-    with client.pipeline(transaction=True) as pipe:
-        pipe.zrem(UNACKED_INDEX, tag)
-        pipe.hdel(UNACKED, tag)
-        pipe.execute()
-
-
-def restore(connection: Connection, tag: str) -> None:
-    """Put an unacknowledged message back at the head of its queue (next to be taken), as kombu's
-    own visibility-timeout sweep does (`QoS.restore_by_tag`)."""
-    connection.default_channel.qos.restore_by_tag(tag)

@@ -235,6 +235,28 @@ def killed(job_id: str, index: int, hostname: str, ttl_s: int, db: redis.Redis |
     (db or client()).eval(_KILLED_LUA, 1, KILLS_KEY.format(job=job_id), str(index), hostname, ttl_s)
 
 
+def copies(job_id: str, db: redis.Redis | None = None) -> list[dict[str, Any]]:
+    """The speculative copies started for a job, oldest first: {"strip" (index), "node" (where
+    the copy went), "origin" (the run it copies), "reason" ("hung" or "slow"), "t" (unix s),
+    "outcome" ("won", "lost" or "running")}."""
+    db = db or client()
+    raw = db.hgetall(COPIES_KEY.format(job=job_id))
+    if not raw:
+        return []
+    done = progress(job_id, db)
+    items = sorted(((int(k), json.loads(v)) for k, v in raw.items()), key=lambda kv: kv[0])
+    stored = metas([f"{job_id}.strip{i}" for i, _ in items], db)
+    out = []
+    for (index, launched), meta in zip(items, stored):
+        result = (meta or {}).get("result")
+        winner = str(result.get("worker", "")) if index in done and isinstance(result, dict) else ""
+        for c in launched:
+            host = str(c.get("node", "")).rpartition("[")[0]
+            outcome = "running" if index not in done else "won" if winner.rpartition("[")[0] == host else "lost"
+            out.append({"strip": index, **c, "outcome": outcome})
+    return sorted(out, key=lambda c: c.get("t", 0))
+
+
 def event_text(raw: bytes) -> str:
     """One of the supervisor's events (`settings.EVENTS_KEY`) as a line: local time, then what happened."""
     try:

@@ -150,7 +150,7 @@ class Settings:
     sentinel_master: str | None = None
     #: The sentinels' own password (`requirepass` in sentinel.conf), if any; the URL's is the master's.
     sentinel_password: str | None = None
-    #: A running strip whose pool process used no CPU for this long is hung: it is run again on
+    #: A running strip whose pool process used no CPU and moved no bytes for this long is hung: it is run again on
     #: another node at once, and its process stopped once the copy finished (`speculation.py`).
     stall_s: float = 3.0
 

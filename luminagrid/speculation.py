@@ -6,7 +6,7 @@ call, a node that crawls (throttled, swapping, starved). Every beat the supervis
 strip running on a live node, as its node measured it (`warden.Measure`), against what strips of
 its class cost on this cluster (`costs.py`), and decides (`judge`, a pure function):
 
-- **Hung**: its pool process used no CPU for `LUMINAGRID_STALL_S` (3 s), or, once its class has
+- **Hung**: its pool process used no CPU and moved no bytes for `LUMINAGRID_STALL_S` (3 s), or, once its class has
   a history, it burned `RUNAWAY_FACTOR` times the class's most expensive recent strip (plus
   `RUNAWAY_FLOOR_S`). Both hold before any history exists only in the first form: a strip of a
   class that never finished anywhere is judged by stalls alone. A hung strip gets a copy on
@@ -28,7 +28,7 @@ writes and chord join (`backend.py`), and the supervisor orders the losers' proc
 share, so it would store REVOKED over the winner's result, join the chord with a failure, and
 leave the id in every worker's revoked set, refusing a later legitimate re-run.
 
-Copies are recorded per strip (`copies`), for `cli.py status` and benchmarks.
+Copies are recorded per strip (`record.copies` reads them), for `cli.py status` and benchmarks.
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ MIN_OBSERVED_S = 1.0
 COPY_OVERHEAD_S = 0.25
 #: Stop orders a node has not taken within this long lapse, in seconds.
 STOP_ORDER_TTL_S = 60
+#: A stop order is given again if the run it names is still reported this long after, in seconds.
+ORDER_AGAIN_S = 2.0
+#: A copy sent to a live worker that does not run it yet (busy) is waited for this long, in seconds.
+PENDING_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -124,8 +128,10 @@ class Facts:
 
     nodes: list[Node]
     jobs: dict[str, Record]
-    #: job id -> indices of its strips that stored a final state
+    #: job id -> which of its running, copied or hung strips stored a final state
     finished: dict[str, set[int]]
+    #: job id -> how many of its strips stored a final state
+    done: dict[str, int]
     #: cost class -> recent cost
     costs: dict[str, costs.Cost]
     #: (job, index) -> nodes on which it was judged hung before
@@ -140,7 +146,7 @@ class Facts:
 
 def _eligible(node: Node, r: Record) -> bool:
     """Whether `node` runs `r`'s operation with the submitter's code (else a copy would fail there)."""
-    return node.ops.get(r.spec.op) == f"{r.spec.package} {r.spec.version}" if node.ops else True
+    return node.runs(r.spec.op, r.spec.package, r.spec.version)
 
 
 def _expected_cpu_s(r: Record, index: int, cost: costs.Cost | None, worst: bool = False) -> float | None:
@@ -185,7 +191,7 @@ def judge(facts: Facts, stall_s: float) -> Plan:
     for n in live:
         for h in n.running:
             strip = strip_of(h.task_id)
-            if strip is not None and strip[0] in facts.jobs and h.pid:
+            if strip is not None and strip[0] in facts.jobs and h.pid and strip[1] < facts.jobs[strip[0]].spec.strips:
                 runs[strip].append(Run(strip[0], strip[1], n, h))
     free = {n.id: n.free_slots for n in live}
 
@@ -203,10 +209,10 @@ def judge(facts: Facts, stall_s: float) -> Plan:
         if index in facts.finished.get(job, set()):
             # Finished: stop the other runs of a strip that was copied or judged hung (a plain
             # run still showing as running is only acknowledging its own result).
-            if (job, index) in facts.copied or (job, index) in facts.hung_on:
-                winner = facts.winners.get((job, index))
-                for run in strip_runs:
-                    if winner is None or (run.node.hostname, run.hold.pid) != winner:
+            winner = facts.winners.get((job, index))
+            if winner is not None and ((job, index) in facts.copied or (job, index) in facts.hung_on):
+                for run in strip_runs:  # (the winner, still acknowledging, is left alone)
+                    if (run.node.hostname, run.hold.pid) != winner:
                         plan.stops.append(Stop(run.node.id, run.hold.task_id, run.hold.pid,
                                                f"{label} finished elsewhere first"))
             continue
@@ -241,10 +247,10 @@ def judge(facts: Facts, stall_s: float) -> Plan:
         return plan
     candidates: list[tuple[float, Run, str]] = []
     for job, r in facts.jobs.items():
-        done = facts.finished.get(job, set())
-        unfinished = [i for i in range(r.spec.strips) if i not in done]
-        if not unfinished or any((job, i) not in runs for i in unfinished):
-            continue
+        finished = facts.finished.get(job, set())
+        unfinished = sorted({i for j, i in runs if j == job and i not in finished})
+        if not unfinished or len(unfinished) < r.spec.strips - facts.done.get(job, 0):
+            continue  # some unfinished strip waits in a queue: an idle worker takes it, no copy needed
         cost = facts.costs.get(costs.class_of(r.spec))
         for i in unfinished:
             if len(runs[(job, i)]) != 1 or (job, i) in facts.copied or (job, i) in plan.hangs or (job, i) in facts.pending:
@@ -269,31 +275,6 @@ def judge(facts: Facts, stall_s: float) -> Plan:
     return plan
 
 
-# --- records ----------------------------------------------------------------------------------
-
-
-def copies(job_id: str, db: redis.Redis | None = None) -> list[dict[str, Any]]:
-    """The speculative copies started for a job, oldest first: {"strip" (index), "node" (where
-    the copy went), "origin" (the run it copies), "reason" ("hung" or "slow"), "t" (unix s),
-    "outcome" ("won", "lost" or "running")}."""
-    db = db or records.client()
-    raw = db.hgetall(COPIES_KEY.format(job=job_id))
-    if not raw:
-        return []
-    done = records.progress(job_id, db)
-    items = sorted(((int(k), json.loads(v)) for k, v in raw.items()), key=lambda kv: kv[0])
-    metas = records.metas([f"{job_id}.strip{i}" for i, _ in items], db)
-    out = []
-    for (index, launched), meta in zip(items, metas):
-        winner = str((meta or {}).get("result", {}).get("worker", "")) if index in done and isinstance(
-            (meta or {}).get("result"), dict) else ""
-        for c in launched:
-            host = str(c.get("node", "")).rpartition("[")[0]
-            outcome = "running" if index not in done else "won" if winner.rpartition("[")[0] == host else "lost"
-            out.append({"strip": index, **c, "outcome": outcome})
-    return sorted(out, key=lambda c: c.get("t", 0))
-
-
 class Speculator:
     """Carries out `judge`'s plans for the supervisor, remembering copies on their way."""
 
@@ -304,15 +285,17 @@ class Speculator:
         self.db, self.settings, self.event, self.hset = db, settings, event, hset
         #: (job, index) -> (node id, when) of copies sent but not yet seen running there
         self.pending: dict[tuple[str, int], tuple[str, float]] = {}
-        #: stop orders given: (node, task id, pid) (given once; a node takes each at its next beat)
-        self.ordered: set[tuple[str, str, int]] = set()
+        #: stop orders given: (node, task id, pid) -> when (a node takes each at its next beat)
+        self.ordered: dict[tuple[str, str, int], float] = {}
         #: jobs with a strip copied or hung here: their leftover runs are stopped once the job is over
         self.watched: set[str] = set()
 
-    def beat(self, nodes: list[Node], jobs: list[Record], now: float, publish: Callable[[Any, Any], None],
-             fail: Callable[[Record, str], None]) -> Plan:
-        """One beat: read the facts, judge, act. `publish(signature, queue)` sends a copy;
-        `fail(record, text)` fails a job (both fenced by the supervisor)."""
+    def beat(self, nodes: list[Node], jobs: list[Record], done: dict[str, int], now: float,
+             publish: Callable[[Any, Any], None], fail: Callable[[Record, str], None]) -> Plan:
+        """One beat: read the facts, judge, act. `done`: job id -> strips finished (the
+        supervisor's count); `publish(signature, queue)` sends a copy; `fail(record, text)` fails
+        a job (both fenced by the supervisor). Reads only what running strips, copies and hangs
+        need: a few keys per job with a strip running, none that grows with its finished strips."""
         by_id = {r.id: r for r in jobs if r.state == records.RUNNING}
         running = {strip for n in nodes if n.alive for h in n.running if (strip := strip_of(h.task_id))}
         wanted = sorted({job for job, _ in running if job in by_id})
@@ -320,7 +303,7 @@ class Speculator:
         alive = {n.id for n in nodes if n.alive}
         holding = {(s, n.id) for n in nodes if n.alive for h in n.holds if (s := strip_of(h.task_id))}
         self.pending = {k: (node, t) for k, (node, t) in self.pending.items()
-                        if (k, node) not in holding and node in alive and now - t < 2 * self.settings.stall_s}
+                        if (k, node) not in holding and node in alive and now - t < PENDING_S}
         # A job that is over (done, failed, cancelled) leaves the active jobs: stop what still runs
         # of it where a copy or a hang was (its losers, its hung processes).
         leftover = [Stop(n.id, h.task_id, h.pid, f"job {strip[0]} is over") for n in nodes if n.alive
@@ -333,16 +316,23 @@ class Speculator:
             return plan
         with self.db.pipeline(transaction=False) as pipe:
             for job in wanted:
-                pipe.hkeys(PROGRESS_KEY.format(job=job))
                 pipe.hgetall(HANGS_KEY.format(job=job))
                 pipe.hgetall(COPIES_KEY.format(job=job))
             replies = pipe.execute()
-        finished, hung_on, copied = {}, {}, {}
+        hung_on, copied = {}, {}
         for n, job in enumerate(wanted):
-            done, hangs, launched = replies[3 * n: 3 * n + 3]
-            finished[job] = {int(i) for i in done}
+            hangs, launched = replies[2 * n: 2 * n + 2]
             hung_on.update({(job, int(i)): set(json.loads(v)) for i, v in hangs.items()})
             copied.update({(job, int(i)): json.loads(v) for i, v in launched.items()})
+        looked = sorted({k for k in running if k[0] in by_id} | {k for k in copied.keys() | hung_on.keys()})
+        with self.db.pipeline(transaction=False) as pipe:
+            for job, index in looked:
+                pipe.hexists(PROGRESS_KEY.format(job=job), str(index))
+            states = pipe.execute()
+        finished: dict[str, set[int]] = defaultdict(set)
+        for (job, index), final in zip(looked, states):
+            if final:
+                finished[job].add(index)
         classes = sorted({costs.class_of(by_id[j].spec) for j in wanted})
         ended = [k for k in copied.keys() | hung_on.keys() if k[1] in finished.get(k[0], set()) and k in running]
         metas = records.metas([f"{j}.strip{i}" for j, i in ended], self.db)
@@ -352,7 +342,7 @@ class Speculator:
             host, _, pid = worker.rpartition("[")
             if pid.rstrip("]").isdigit():
                 winners[k] = (host, int(pid.rstrip("]")))
-        facts = Facts(nodes=nodes, jobs={j: by_id[j] for j in wanted}, finished=finished,
+        facts = Facts(nodes=nodes, jobs={j: by_id[j] for j in wanted}, finished=dict(finished), done=done,
                       costs=costs.read(self.db, classes), hung_on=hung_on, copied=copied, winners=winners,
                       pending={k: node for k, (node, _) in self.pending.items()})
         plan = judge(facts, self.settings.stall_s)
@@ -364,7 +354,7 @@ class Speculator:
     def _act(self, plan: Plan, jobs: dict[str, Record], hung_on: dict[tuple[str, int], set[str]],
              copied: dict[tuple[str, int], list[dict[str, Any]]], now: float,
              publish: Callable[[Any, Any], None], fail: Callable[[Record, str], None]) -> None:
-        from luminagrid.tasks import republish_strip  # noqa: PLC0415 - the tasks need the app; the judge does not
+        from luminagrid.tasks import republish_strip  # noqa: PLC0415 - the tasks import the workers' side
 
         ttl = self.settings.result_ttl_s
         hangs = []
@@ -372,7 +362,8 @@ class Speculator:
             seen = sorted(hung_on.get((job, index), set()) | set(nodes))
             if seen != sorted(hung_on.get((job, index), set())):
                 hangs.append((HANGS_KEY.format(job=job), str(index), json.dumps(seen)))
-        self.hset(hangs, ttl)
+        if hangs:
+            self.hset(hangs, ttl)
         for f in plan.fails:
             fail(jobs[f.job], f.text)
         for launch in plan.launches:
@@ -383,11 +374,14 @@ class Speculator:
             self.hset([(COPIES_KEY.format(job=launch.job), str(launch.index), json.dumps(listed))], ttl)
             self.pending[(launch.job, launch.index)] = (launch.target.id, now)
             self.event(launch.job, launch.why)
-        new_stops = [stop for stop in plan.stops if (stop.node, stop.task_id, stop.pid) not in self.ordered]
-        self.ordered = {(stop.node, stop.task_id, stop.pid) for stop in plan.stops}
+        given = {(x.node, x.task_id, x.pid): self.ordered[(x.node, x.task_id, x.pid)] for x in plan.stops
+                 if (x.node, x.task_id, x.pid) in self.ordered}
+        new_stops = [x for x in plan.stops if now - given.get((x.node, x.task_id, x.pid), -ORDER_AGAIN_S) >= ORDER_AGAIN_S]
         if new_stops:
             self.hset([(STOP_KEY.format(node=stop.node), stop.task_id, json.dumps({"pid": stop.pid, "reason": stop.reason}))
                        for stop in new_stops], STOP_ORDER_TTL_S)
+            given |= {(x.node, x.task_id, x.pid): now for x in new_stops}  # (only once written)
             for stop in new_stops:
                 log.warning("supervisor: ordered %s to stop pool process %d (%s)", stop.node, stop.pid, stop.reason)
+        self.ordered = given
 

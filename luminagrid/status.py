@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import states
 
-from luminagrid import liveness, speculation
+from luminagrid import liveness
 from luminagrid import record as records
 from luminagrid.errors import MessageError
 from luminagrid.record import Record
@@ -114,7 +114,7 @@ def of(record: Record) -> Status:
         strips_started=len(progress) + sum(1 for p in places if p.running and p.index is not None),
         strip_count=strip_count, width=record.spec.width, height=record.spec.height,
         age_s=time.time() - record.submitted_at, output=record.output, error=error, places=places, events=events,
-        copies=speculation.copies(job_id, db),
+        copies=records.copies(job_id, db),
     )
 
 

@@ -202,13 +202,13 @@ class Supervisor(threading.Thread):
         # has ended (an Event there made every worker shutdown log a TypeError traceback).
         self._stopping = threading.Event()
         self._last_error = ""
-        self.speculator = speculation.Speculator(self.db, settings, self._event, self._fenced_hset)
         self.renewed_at = -math.inf
         #: when this thread last heard from Redis (a gap longer than `stale_after_s` makes it wait)
         self.contact_at = -math.inf
         self._forget_state()
 
     def _forget_state(self) -> None:
+        self.speculator = speculation.Speculator(self.db, self.settings, self._event, self._fenced_hset)
         self.run_ids: tuple[str, ...] | None = None
         self.stable_since = time.monotonic()
         self.taken_back = False
@@ -308,11 +308,11 @@ class Supervisor(threading.Thread):
         self._judge(view, now)
         self._restore_orphans(view, now)
         self._check_jobs(view, now)
-        self.speculator.beat(view.nodes, view.jobs, now, self._publish_copy, self._fail_hung)
         self._purge_cancelled(view, now)
         if self.walk_due is not None and now >= self.walk_due:
             self._walk(view, now)
         self._confirm_lost(view, now)
+        self._speculate(view, now)
         self._contact()
 
     def _contact(self) -> float:
@@ -443,6 +443,7 @@ class Supervisor(threading.Thread):
     def _restore_orphans(self, view: _View, now: float) -> None:
         held_live = {h.tag for n in view.live for h in n.holds}
         held_lost = {h.tag: n.id for n in view.nodes if not n.alive for h in n.holds}
+        live_hosts = {n.hostname for n in view.live}  # (a worker's own queue is keyed by its hostname)
         seqs = {n.id: n.seq for n in view.live}
         current = set(view.tags)
         self.orphans = {t: o for t, o in self.orphans.items() if t in current}
@@ -471,8 +472,8 @@ class Supervisor(threading.Thread):
                         struck[holder].append(tag)
                     continue  # acknowledged meanwhile
                 task_id, queue = found[tag]
-                if queue not in QUEUES and strip_of(task_id) is not None and holder:
-                    # A copy sent to a lost node's own queue: back there, nobody would take it.
+                if queue not in QUEUES and strip_of(task_id) is not None and (holder or queue not in live_hosts):
+                    # A copy sent to a lost worker's own queue: back there, nobody would take it.
                     self._keep_lease()
                     self.fence.drop(tag)
                     struck[holder].append(tag)
@@ -633,7 +634,7 @@ class Supervisor(threading.Thread):
             if strip is not None:
                 held_per_job[strip[0]] += 1
         expected = sum(max(0, r.spec.strips - view.finished.get(r.id, 0) - held_per_job[r.id]) for r in running)
-        if not expected or queues.queued_count(self.mq, QUEUE) >= expected:
+        if not expected or sum(queues.queued_count(self.mq, q) for q in _strip_queues(view)) >= expected:
             self.short_since = None
             return
         self.short_since = self.short_since or now
@@ -654,7 +655,10 @@ class Supervisor(threading.Thread):
         wanted = {
             r.strip_task_id(i) for r, done in zip(running, finished) for i in range(r.spec.strips) if i not in done
         } - accounted
-        queued = queues.find_queued(self.mq, QUEUE, wanted, between_pages=self._keep_lease) if wanted else set()
+        queued: set[str] = set()
+        for queue in _strip_queues(view):  # (the strip queue, and each live worker's own: copies, redirects)
+            if wanted - queued:
+                queued |= queues.find_queued(self.mq, queue, wanted - queued, between_pages=self._keep_lease)
         lost = wanted - queued
         for task_id in lost:
             self.suspects.setdefault(task_id, _Suspect(now))
@@ -712,6 +716,15 @@ class Supervisor(threading.Thread):
 
     # --- 8. strips that hang or crawl ----------------------------------------------------------
 
+    def _speculate(self, view: _View, now: float) -> None:
+        """Step 8, last: a bug in it must not keep the recovery steps from running."""
+        try:
+            self.speculator.beat(view.nodes, view.jobs, view.finished, now, self._publish_copy, self._fail_hung)
+        except (LeaseLost, *UNREACHABLE):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported once per distinct problem, like a failed beat
+            self._report(f"judging running strips failed: {exc!r}", exc_info=True)
+
     def _publish_copy(self, signature: Any, queue: Any) -> None:
         """Send a speculative copy of a strip to one node's own queue (fenced)."""
         self._keep_lease()
@@ -720,15 +733,16 @@ class Supervisor(threading.Thread):
     def _fail_hung(self, r: Record, text: str) -> None:
         """Fail job `r` with `text` (its strips are skipped from now on; its record and verdict stay,
         for `status` to say why)."""
+        self._fail(r.id, MessageError(text))  # first the verdict: a job ended without one would wait forever
         self._keep_lease()
         self.fence.call(_END_JOB_LUA, [CANCEL_KEY.format(job=r.id), ACTIVE_JOBS_KEY], [self.settings.result_ttl_s, r.id])
-        self._fail(r.id, MessageError(text))
         self.records.pop(r.id, None)
         self._event(r.id, f"job {r.id} failed: {text}")
 
     def _fenced_hset(self, fields: list[tuple[str, str, str]], ttl_s: int) -> None:
-        self._keep_lease()
-        self.fence.hset(fields, ttl_s)
+        if fields:
+            self._keep_lease()
+            self.fence.hset(fields, ttl_s)
 
     # --- 7. cancelled jobs --------------------------------------------------------------------
 
@@ -752,6 +766,11 @@ class Supervisor(threading.Thread):
                     self._keep_lease()
                     self.fence.delete(*keys)
             self.db.zrem(CANCELLED_JOBS_KEY, job_id)
+
+
+def _strip_queues(view: _View) -> list[str]:
+    """Where a strip message may wait: the strip queue, and each live worker's own queue."""
+    return [QUEUE, *sorted({worker_direct(n.hostname).name for n in view.live})]
 
 
 def _job_of(task_id: str) -> str:

@@ -64,14 +64,18 @@ def _ignore(task: Task) -> None:
     raise Ignore()
 
 
-def _skip_if_cancelled(task: Task, job_id: str, index: int | None = None) -> None:
+def _skip_if_unwanted(task: Task, job_id: str, index: int | None = None,
+                      cost: tuple[str, float, float] | None = None) -> None:
     """End without a result if the job was cancelled, or (given strip `index`) if another run
-    of this strip finished first (a speculative copy, or the original it copied)."""
+    of this strip finished first (a speculative copy, or the original it copied). In the same
+    round trip, `cost` (class, CPU seconds, megapixels) goes to its class's history (`costs`)."""
     with app.backend.client.pipeline(transaction=False) as pipe:
         pipe.exists(CANCEL_KEY.format(job=job_id))
         if index is not None:
             pipe.hexists(PROGRESS_KEY.format(job=job_id), str(index))
-        cancelled, *done = pipe.execute()
+        if cost is not None:
+            costs.record(pipe, *cost)
+        cancelled, *done = pipe.execute()[: 2 if index is not None else 1]
     if cancelled:
         _ignore(task)
     if done and done[0]:
@@ -161,9 +165,8 @@ def _elsewhere_if_it_killed_here(task: Task, spec: messages.JobSpec, s: strips.S
     died = records.kills(spec.id, s.index)
     if not died.get(here):
         return
-    code = f"{spec.package} {spec.version}"
     others = [n for n in liveness.read(app.backend.client) if n.alive and n.hostname not in died
-              and n.hostname != here and n.ops.get(spec.op, code) == code]
+              and n.hostname != here and n.runs(spec.op, spec.package, spec.version)]
     if not others:
         return
     target = min(others, key=lambda n: len(n.running))
@@ -178,7 +181,7 @@ def run_strip(self: Task, job: Any, strip: Any, payload: Any) -> dict[str, Any]:
     """Validate and decode one strip, run its operation's strip step, return the packed result."""
     spec = _spec(self, job)
     s = messages.parse_strip(strip, spec)
-    _skip_if_cancelled(self, spec.id, s.index)
+    _skip_if_unwanted(self, spec.id, s.index)
     if self.request.retries:  # (only a strip delivered again can have killed a process here)
         _elsewhere_if_it_killed_here(self, spec, s)
     try:
@@ -202,7 +205,9 @@ def _compute(task: Task, spec: messages.JobSpec, s: strips.Strip, data: bytes, i
     t1 = time.perf_counter()
     result = op.compute(pixels, s, spec.height, spec.params)
     t2 = time.perf_counter()
-    _skip_if_cancelled(task, spec.id, None if in_stitch else s.index)
+    # What this strip cost, for the supervisor's judgement of running strips (`costs`, `speculation`).
+    cost = (costs.class_of(spec), time.process_time() - cpu0, costs.megapixels(s.bottom - s.top, spec.width))
+    _skip_if_unwanted(task, spec.id, None if in_stitch else s.index, cost)
     # Large outputs (local operations' pixels) wait in Redis; the chord carries only their keys.
     # What the seam pass reads stays inline up to the usual size; the rest within a job-wide budget.
     job_limit = claims.inline_limit(SETTINGS, spec.strips)
@@ -212,9 +217,6 @@ def _compute(task: Task, spec: messages.JobSpec, s: strips.Strip, data: bytes, i
         lambda field: SETTINGS.inline_max_bytes if field in op.stitch_fields else job_limit,
     )
     t3 = time.perf_counter()
-    # What this strip cost, for the supervisor's judgement of running strips (`costs`, `speculation`).
-    costs.record(app.backend.client, costs.class_of(spec), time.process_time() - cpu0,
-                 costs.megapixels(s.bottom - s.top, spec.width))
     return {
         **packed, "index": s.index, "row0": s.row0, "row1": s.row1, "worker": _worker_name(task),
         "seconds": {"decode": t1 - t0, "compute": t2 - t1, "pack": t3 - t2},
@@ -268,7 +270,7 @@ def stitch(self: Task, parts: list[dict[str, Any]], job: Any) -> dict[str, Any]:
     """Chord callback: check that the strips tile the image, then the operation's stitch step."""
     started = time.perf_counter()
     spec = _spec(self, job)
-    _skip_if_cancelled(self, spec.id)
+    _skip_if_unwanted(self, spec.id)
     height, width = spec.height, spec.width
     parts = sorted(parts, key=lambda p: p["index"])
     if [p["index"] for p in parts] != list(range(spec.strips)):

@@ -38,7 +38,8 @@ def run(index: int, pid: int = 100, run_s: float = 2.0, cpu_s: float = 2.0, idle
 def facts(nodes: list[Node], finished: set[int] = frozenset(), cost: float | None = 1.0, **extra: object) -> Facts:
     r = record()
     known = {costs.class_of(r.spec): costs.Cost(cost, cost * 1.2, 8)} if cost is not None else {}
-    base = {"nodes": nodes, "jobs": {JOB: r}, "finished": {JOB: set(finished)}, "costs": known, "hung_on": {},
+    base = {"nodes": nodes, "jobs": {JOB: r}, "finished": {JOB: set(finished)}, "done": {JOB: len(finished)},
+            "costs": known, "hung_on": {},
             "copied": {}, "winners": {}, "pending": {}}
     return Facts(**(base | extra))  # type: ignore[arg-type]
 
