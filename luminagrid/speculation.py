@@ -376,7 +376,8 @@ class Speculator:
             self.event(launch.job, launch.why)
         given = {(x.node, x.task_id, x.pid): self.ordered[(x.node, x.task_id, x.pid)] for x in plan.stops
                  if (x.node, x.task_id, x.pid) in self.ordered}
-        new_stops = [x for x in plan.stops if now - given.get((x.node, x.task_id, x.pid), -ORDER_AGAIN_S) >= ORDER_AGAIN_S]
+        new_stops = [x for x in plan.stops if (x.node, x.task_id, x.pid) not in given
+                     or now - given[(x.node, x.task_id, x.pid)] >= ORDER_AGAIN_S]
         if new_stops:
             self.hset([(STOP_KEY.format(node=stop.node), stop.task_id, json.dumps({"pid": stop.pid, "reason": stop.reason}))
                        for stop in new_stops], STOP_ORDER_TTL_S)
