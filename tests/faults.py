@@ -113,6 +113,14 @@ def _record_run(what: str, op: str | None = None) -> None:
         f.write(line + "\n")
 
 
+def pool_processes(pid: int) -> set[int]:
+    """The child processes of worker main process `pid`: its pool processes."""
+    try:
+        return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
+
+
 def unfinished(path: Path, job_id: str, pids: set[int] | None = None) -> dict[str, Any] | None:
     """A run of one of job `job_id`'s strips that started and has not ended (in one of `pids`)."""
     records = runs(path)

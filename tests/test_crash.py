@@ -107,14 +107,6 @@ def landed(doomed: dict, killed_at: float) -> dict:
     return again[0]
 
 
-def pool_children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
 def hit_a_strip(pid: int, killed_at: float, runs: list[dict]) -> bool:
     """Whether the kill of `pid` at `killed_at` hit a strip in flight: the last strip that process
     started before the kill has no "end" (a killed process never writes one)."""
@@ -155,7 +147,7 @@ def test_a_whole_worker_killed_mid_job_is_survived_within_seconds(faulty: LocalC
         wait_for_workers([victim.name], [victim.proc])
         image = synthetic(32, 600, 301)
         job = luminagrid.submit(image, strips=12, codec="lossless", low=30, high=90)
-        doomed = wait_for(lambda: running(job, set(pool_children(victim.proc.pid))), 30, "a strip to start on the victim")
+        doomed = wait_for(lambda: running(job, set(faults.pool_processes(victim.proc.pid))), 30, "a strip to start on the victim")
         os.killpg(victim.proc.pid, signal.SIGKILL)  # the worker and its pool processes
         killed_at = time.time()
         result = job.wait(60)
@@ -393,7 +385,7 @@ def test_soak_jobs_complete_exactly_under_random_sigkills_and_redis_outages() ->
 
         def kill_pool_processes() -> None:
             while not stop.wait(rng.uniform(0.2, 0.6)):
-                children = [p for n in live_nodes() for p in pool_children(n.proc.pid)]
+                children = [p for n in live_nodes() for p in faults.pool_processes(n.proc.pid)]
                 # Half the kills aim at a process with a strip in flight (if any): most pool
                 # processes are idle at any instant, and a kill of an idle one tests little.
                 busy = [p for p in children if p in computing()]
@@ -408,7 +400,7 @@ def test_soak_jobs_complete_exactly_under_random_sigkills_and_redis_outages() ->
 
         def kill_a_worker() -> None:
             node = rng.choice(live_nodes())
-            pool = pool_children(node.proc.pid)
+            pool = faults.pool_processes(node.proc.pid)
             os.killpg(node.proc.pid, signal.SIGKILL)
             killed.extend((pid, time.time()) for pid in pool)
             kills["worker"] += 1

@@ -109,13 +109,6 @@ def live_nodes(c: LocalCluster) -> list[LocalWorker]:
     return [n for n in c.nodes if n.proc is not None and n.proc.poll() is None]
 
 
-def pool_children(pid: int) -> set[int]:
-    try:
-        return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-    except OSError:
-        return set()
-
-
 def running(runs_file: Path, job: jobs.Job, pids: set[int] | None = None) -> dict[str, Any] | None:
     """A run of one of the job's strips that started and has not ended (in one of `pids`)."""
     return faults.unfinished(runs_file, job.id, pids)
@@ -164,7 +157,7 @@ def test_a_worker_node_sigkilled_mid_strip_is_recovered_within_seconds_and_the_o
     def on_a_node() -> tuple[LocalWorker, dict[str, Any]] | None:
         for node in live_nodes(cluster):
             assert node.proc is not None
-            found = running(runs_file, job, pool_children(node.proc.pid))
+            found = running(runs_file, job, faults.pool_processes(node.proc.pid))
             if found:
                 return node, found
         return None

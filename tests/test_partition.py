@@ -21,7 +21,6 @@ import netns
 import numpy as np
 import pytest
 from conftest import REPO, synthetic, wait_for
-from test_supervision import children, running_on
 
 import luminagrid
 from luminagrid import broker, liveness
@@ -75,7 +74,7 @@ def test_a_worker_cut_off_mid_job_costs_seconds_changes_nothing_late_and_serves_
     assert cut_off.proc is not None
     image = synthetic(71, 480, 300)
     job = luminagrid.submit(image, strips=10, codec="lossless", low=30, high=90)
-    doomed = wait_for(lambda: running_on(runs, children(cut_off.proc.pid), job.id), 30, "a strip to run on the cut-off worker")
+    doomed = wait_for(lambda: faults.unfinished(runs, job.id, faults.pool_processes(cut_off.proc.pid)), 30, "a strip to run on the cut-off worker")
     ns.cut()
     cut_at = time.time()
     result = job.wait(30, forget=False)

@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import cv2
 import faults
@@ -62,21 +61,6 @@ def exact(image: np.ndarray) -> np.ndarray:
     return cv2.Canny(image, 30, 90)
 
 
-def children(pid: int) -> set[int]:
-    try:
-        return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-    except OSError:
-        return set()
-
-
-def running_on(runs: Path, pids: set[int], job_id: str) -> dict[str, Any] | None:
-    """A run of one of the job's strips that started in one of `pids` and has not ended."""
-    records = faults.runs(runs)
-    ended = {(r["task"], r["pid"]) for r in records if r["what"] == "end"}
-    return next((r for r in records if r["what"] == "start" and r["pid"] in pids and str(r["task"]).startswith(job_id)
-                 and (r["task"], r["pid"]) not in ended), None)
-
-
 def starts(runs: Path, job_id: str) -> Counter[str]:
     return Counter(r["task"] for r in faults.runs(runs) if r["what"] == "start" and str(r["task"]).startswith(job_id))
 
@@ -105,8 +89,8 @@ def test_the_supervising_worker_frozen_mid_job_leaves_the_output_exact_and_no_st
     assert leader in {n.proc.pid for n in c.nodes if n.proc}
     image = synthetic(61, 720, 300)
     job = luminagrid.submit(image, strips=STRIPS, codec="lossless", low=30, high=90)
-    doomed = wait_for(lambda: running_on(runs, children(leader), job.id), 30, "a strip to run on the supervising worker")
-    frozen = {leader, *children(leader)}
+    doomed = wait_for(lambda: faults.unfinished(runs, job.id, faults.pool_processes(leader)), 30, "a strip to run on the supervising worker")
+    frozen = {leader, *faults.pool_processes(leader)}
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
@@ -146,8 +130,8 @@ def test_redis_frozen_mid_job_declares_no_worker_lost_and_the_job_finishes_exact
     since = time.time()
     image = synthetic(62, 720, 300)
     job = luminagrid.submit(image, strips=STRIPS, codec="lossless", low=30, high=90)
-    workers = {pid for n in c.nodes if n.proc for pid in children(n.proc.pid)}
-    wait_for(lambda: running_on(runs, workers, job.id), 30, "a strip to run")
+    workers = {pid for n in c.nodes if n.proc for pid in faults.pool_processes(n.proc.pid)}
+    wait_for(lambda: faults.unfinished(runs, job.id, workers), 30, "a strip to run")
     os.kill(c.redis.proc.pid, signal.SIGSTOP)
     try:
         time.sleep(REDIS_PAUSE_S)  # the outage itself

@@ -267,24 +267,6 @@ def slow(_slow: tuple[LocalCluster, Path]) -> tuple[LocalCluster, Path]:
     return _slow
 
 
-def children(pid: int) -> set[int]:
-    try:
-        return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-    except OSError:
-        return set()
-
-
-def running_on(runs: Path, pids: set[int], task_prefix: str) -> dict[str, Any] | None:
-    """A run that started in one of `pids` and has not ended."""
-    records_ = faults.runs(runs)
-    ended = {(r["task"], r["pid"]) for r in records_ if r["what"] == "end"}
-    for r in records_:
-        if r["what"] == "start" and r["pid"] in pids and str(r["task"]).startswith(task_prefix) \
-                and (r["task"], r["pid"]) not in ended:
-            return r
-    return None
-
-
 def test_a_worker_sigkilled_mid_strip_costs_seconds_not_a_visibility_timeout(slow: tuple[LocalCluster, Path]) -> None:
     """At default settings (visibility timeout 3600 s), the lost worker's strip runs again within
     5 s of the kill, in another process, and the job is exact."""
@@ -296,7 +278,7 @@ def test_a_worker_sigkilled_mid_strip_costs_seconds_not_a_visibility_timeout(slo
         wait_for_workers([victim.name], [victim.proc])
         image = synthetic(41, 480, 300)
         job = luminagrid.submit(image, strips=12, codec="lossless", low=30, high=90)
-        doomed = wait_for(lambda: running_on(runs, children(victim.proc.pid), job.id), 30, "a strip to run on the victim")
+        doomed = wait_for(lambda: faults.unfinished(runs, job.id, faults.pool_processes(victim.proc.pid)), 30, "a strip to run on the victim")
         os.killpg(victim.proc.pid, signal.SIGKILL)  # the worker and its pool: a lost node
         killed_at = time.time()
         again = wait_for(lambda: [r for r in faults.runs(runs, doomed["task"]) if r["what"] == "start" and r["t"] > killed_at],
@@ -330,7 +312,7 @@ def test_the_supervising_worker_sigkilled_hands_supervision_over_within_seconds(
         assert victim.proc is not None
         image = synthetic(43, 480, 300)
         job = luminagrid.submit(image, strips=12, codec="lossless", low=30, high=90)
-        doomed = wait_for(lambda: running_on(runs, children(victim.proc.pid), job.id), 30, "a strip to run on the supervisor")
+        doomed = wait_for(lambda: faults.unfinished(runs, job.id, faults.pool_processes(victim.proc.pid)), 30, "a strip to run on the supervisor")
         os.killpg(victim.proc.pid, signal.SIGKILL)
         killed_at = time.time()
         result = job.wait(60)
@@ -361,7 +343,7 @@ def test_a_long_strip_restored_from_a_lost_worker_is_restored_once(slow: tuple[L
         wait_for_workers([victim.name], [victim.proc])
         image = synthetic(44, 64, 200)
         job = luminagrid.submit(image, strips=1, codec="lossless", low=30, high=90)
-        doomed = wait_for(lambda: running_on(runs, children(victim.proc.pid), job.id), 30, "the strip to run on the victim")
+        doomed = wait_for(lambda: faults.unfinished(runs, job.id, faults.pool_processes(victim.proc.pid)), 30, "the strip to run on the victim")
         heir.start()
         assert heir.proc is not None
         wait_for_workers([heir.name], [heir.proc])
@@ -484,7 +466,7 @@ def test_a_job_completes_after_its_submitter_is_sigkilled_then_redis_restarts_an
         submitter.kill()  # SIGKILL: nobody waits for the job any more
         submitter.communicate(timeout=30)
         c.redis.restart()  # with AOF: queued and unacknowledged messages survive, reserved ones are dropped
-        doomed = wait_for(lambda: running_on(runs, children(victim.proc.pid), job_id), 60, "a strip to run on the victim")
+        doomed = wait_for(lambda: faults.unfinished(runs, job_id, faults.pool_processes(victim.proc.pid)), 60, "a strip to run on the victim")
         os.killpg(victim.proc.pid, signal.SIGKILL)
     finally:
         victim.stop()
